@@ -1,0 +1,290 @@
+"""Conversion of every supported weight layout to the key layout of our timm-built backbone.
+
+Canonical layouts (what ``vit_factory.create_vit`` builds):
+- DINOv3: timm ``Eva`` with separate ``attn.q_proj/k_proj/v_proj`` (so LoRA can target each projection; timm's
+  fused ``_qkvb`` path calls ``F.linear`` and would bypass LoRA), q/v biases always present.
+- DINOv2: timm ``VisionTransformer`` (fused ``attn.qkv`` called as a module, so LoRA applies).
+
+Every conversion is strict: keys it does not understand are reported, never dropped. The only keys dropped
+are ones with no effect on patch features, each named in ``_DINOV3_IGNORED``/``_DINOV2_IGNORED``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .registry import DinoArchitecture, match_architecture
+from .weight_files import HOW_TO_GET_WEIGHTS, WeightFileError
+
+# Pretraining-only tensors: the masked-token embedding (iBOT), RoPE periods (recomputed from the architecture,
+# checked against it first), the k-bias mask, and the 7B/SAT-L local-crop CLS norm. DINOv3 never applies a k bias
+# (Meta's LinearKMaskedBias multiplies it by that zero mask), so the k part of Meta's qkv.bias is dropped. Elsewhere
+# a non-zero k bias is refused: RoPE rotates k per position, so it would change the attention.
+_DINOV3_IGNORED = re.compile(r"^(mask_token|rope_embed\.periods|local_cls_norm\..*|blocks\.\d+\.attn\.qkv\.bias_mask)$")
+_DINOV2_IGNORED = re.compile(r"^mask_token$")
+
+
+@dataclass
+class CanonicalWeights:
+    arch: DinoArchitecture
+    state_dict: dict
+    layout: str  # human-readable name of the layout the file was in
+
+
+def _unexpected(keys, layout):
+    keys = sorted(keys)
+    raise WeightFileError(
+        f"The {layout} weights contain {len(keys)} key(s) nnunet-dino does not know how to load: {keys[:12]}"
+        f"{' ...' if len(keys) > 12 else ''}. Refusing to drop them silently. {HOW_TO_GET_WEIGHTS}"
+    )
+
+
+def _depth(state, pattern):
+    ids = {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}
+    if not ids:
+        return 0
+    if ids != set(range(max(ids) + 1)):
+        raise WeightFileError(f"Block indices are not contiguous: {sorted(ids)}.")
+    return max(ids) + 1
+
+
+# ---------------------------------------------------------------------------------------------- DINOv3
+def _dinov3_from_meta(state: dict, layout: str) -> CanonicalWeights:
+    """Meta's official DINOv3 layout (also MedDINOv3's backbone) -> canonical."""
+    dim = state["cls_token"].shape[-1]
+    depth = _depth(state, r"blocks\.(\d+)\.")
+    swiglu = "blocks.0.mlp.w1.weight" in state
+    heads = None
+    if "rope_embed.periods" in state:  # periods has head_dim/4 entries
+        heads = dim // (4 * state["rope_embed.periods"].numel())
+    arch = match_architecture("dinov3", dim, depth, state["storage_tokens"].shape[1], swiglu,
+                              state["patch_embed.proj.weight"].shape[-1], heads)
+    out, used = {}, set()
+
+    def take(src, dst):
+        out[dst] = state[src]
+        used.add(src)
+
+    take("cls_token", "cls_token")
+    take("storage_tokens", "reg_token")
+    for p in ("patch_embed.proj", "norm"):
+        take(f"{p}.weight", f"{p}.weight")
+        take(f"{p}.bias", f"{p}.bias")
+    mlp_names = {"w1": "fc1_g", "w2": "fc1_x", "w3": "fc2"} if swiglu else {"fc1": "fc1", "fc2": "fc2"}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        for n in ("norm1", "norm2", "attn.proj"):
+            take(b + n + ".weight", b + n + ".weight")
+            take(b + n + ".bias", b + n + ".bias")
+        for src, dst in mlp_names.items():
+            take(f"{b}mlp.{src}.weight", f"{b}mlp.{dst}.weight")
+            take(f"{b}mlp.{src}.bias", f"{b}mlp.{dst}.bias")
+        take(b + "ls1.gamma", b + "gamma_1")
+        take(b + "ls2.gamma", b + "gamma_2")
+        q, k, v = state[b + "attn.qkv.weight"].chunk(3, dim=0)
+        used.add(b + "attn.qkv.weight")
+        out[b + "attn.q_proj.weight"], out[b + "attn.k_proj.weight"], out[b + "attn.v_proj.weight"] = q, k, v
+        if b + "attn.qkv.bias" in state:
+            qb, _kb, vb = state[b + "attn.qkv.bias"].chunk(3, dim=0)
+            used.add(b + "attn.qkv.bias")
+        else:  # MedDINOv3 and some distilled models: no qkv bias, i.e. exactly zero bias
+            qb = vb = torch.zeros(dim, dtype=q.dtype)
+        out[b + "attn.q_proj.bias"], out[b + "attn.v_proj.bias"] = qb, vb
+    _reject_leftovers(state, used, _DINOV3_IGNORED, layout)
+    return CanonicalWeights(arch, out, layout)
+
+
+def _dinov3_from_timm(state: dict) -> CanonicalWeights:
+    """timm's Eva DINOv3 layout (fused qkv with q_bias/v_bias, or already split) -> Meta layout -> canonical."""
+    meta = {}
+    for k, v in state.items():
+        k2 = k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        k2 = k2.replace("mlp.fc1_g", "mlp.w1").replace("mlp.fc1_x", "mlp.w2")
+        meta[k2] = v
+    swiglu = "blocks.0.mlp.w1.weight" in meta
+    if swiglu:
+        meta = {k.replace("mlp.fc2", "mlp.w3"): v for k, v in meta.items()}
+    for i in range(_depth(meta, r"blocks\.(\d+)\.")):
+        b = f"blocks.{i}.attn."
+        if b + "q_proj.weight" in meta:
+            meta[b + "qkv.weight"] = torch.cat([meta.pop(b + f"{n}_proj.weight") for n in "qkv"])
+            qb, vb = meta.pop(b + "q_proj.bias"), meta.pop(b + "v_proj.bias")
+            meta.pop(b + "k_proj.bias", None)
+            meta[b + "qkv.bias"] = torch.cat([qb, torch.zeros_like(qb), vb])
+        elif b + "q_bias" in meta:
+            qb, vb = meta.pop(b + "q_bias"), meta.pop(b + "v_bias")
+            meta[b + "qkv.bias"] = torch.cat([qb, torch.zeros_like(qb), vb])
+    return _dinov3_from_meta(meta, "timm DINOv3")
+
+
+def _dinov3_from_hf(state: dict, config: dict) -> CanonicalWeights:
+    """Hugging Face DINOv3ViTModel layout -> Meta layout -> canonical."""
+    gated = bool(config.get("use_gated_mlp", False))
+    meta = {}
+    top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
+           "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.bias": "patch_embed.proj.bias", "norm.weight": "norm.weight",
+           "norm.bias": "norm.bias"}
+    layer = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.gamma",
+             "layer_scale2.lambda1": "ls2.gamma", "mlp.down_proj": "mlp.w3" if gated else "mlp.fc2",
+             "mlp.up_proj": "mlp.w2" if gated else "mlp.fc1", "mlp.gate_proj": "mlp.w1"}
+    unknown = []
+    qkv: dict[int, dict] = {}
+    for k, v in state.items():
+        if k in top:
+            meta[top[k]] = v
+            continue
+        # Files on disk (hub, save_pretrained) say layer.N; transformers>=5 renames that to model.layer.N in memory.
+        m = re.match(r"(?:model\.)?layer\.(\d+)\.(.+)$", k)
+        if not m:
+            unknown.append(k)
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        a = re.match(r"attention\.([qkv])_proj\.(weight|bias)$", rest)
+        if a:
+            qkv.setdefault(i, {})[f"{a.group(1)}.{a.group(2)}"] = v
+            continue
+        base, _, kind = rest.rpartition(".")
+        if rest in layer:
+            meta[f"blocks.{i}.{layer[rest]}"] = v
+        elif base in layer:
+            meta[f"blocks.{i}.{layer[base]}.{kind}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        _unexpected(unknown, "Hugging Face DINOv3")
+    for i, parts in qkv.items():
+        if "k.bias" in parts and parts["k.bias"].abs().max() > 0:
+            raise WeightFileError(f"Layer {i} of the Hugging Face DINOv3 folder has a non-zero key bias, which DINOv3 "
+                                  f"never uses and nnunet-dino cannot represent. Refusing to drop it.")
+        meta[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts["q.weight"], parts["k.weight"], parts["v.weight"]])
+        if "q.bias" in parts or "v.bias" in parts:
+            ref = parts["q.weight"].new_zeros(parts["q.weight"].shape[0])
+            meta[f"blocks.{i}.attn.qkv.bias"] = torch.cat([parts.get("q.bias", ref), ref, parts.get("v.bias", ref)])
+    heads = config.get("num_attention_heads")
+    if heads:  # expressed as RoPE periods so _dinov3_from_meta checks heads the same way for every layout
+        meta["rope_embed.periods"] = torch.zeros(meta["cls_token"].shape[-1] // heads // 4)
+    return _dinov3_from_meta(meta, "Hugging Face DINOv3")
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2
+def _dinov2_from_meta_or_timm(state: dict, layout: str, num_heads: int | None = None) -> CanonicalWeights:
+    """Meta's DINOv2 layout and timm's are nearly the same; timm's own filter handles registers, pos-embed and
+    packed SwiGLU, after which the result is checked strictly against the built model."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from .vit_factory import create_vit
+
+    dim = state["cls_token"].shape[-1]
+    depth = _depth(state, r"blocks\.(\d+)\.")
+    regs_key = "register_tokens" if "register_tokens" in state else "reg_token"
+    regs = state[regs_key].shape[1] if regs_key in state else 0
+    swiglu = "blocks.0.mlp.w12.weight" in state or "blocks.0.mlp.w3.weight" in state
+    arch = match_architecture("dinov2", dim, depth, regs, swiglu, state["patch_embed.proj.weight"].shape[-1], num_heads)
+    model = create_vit(arch)  # only for timm's filter, which needs the target's shapes
+    # timm's filter converts Meta's layout (register tokens outside the position grid, packed SwiGLU) only when it
+    # sees Meta's mask_token, which it then drops itself (= _DINOV2_IGNORED): so it must not be removed beforehand.
+    out = checkpoint_filter_fn(dict(state), model)  # a copy: timm pops from the dict
+    return CanonicalWeights(arch, out, layout)
+
+
+def _dinov2_from_hf(state: dict, config: dict) -> CanonicalWeights:
+    """Hugging Face Dinov2Model / Dinov2WithRegistersModel -> Meta layout -> DINOv2 path."""
+    top = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+           "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    layer = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
+    meta, unknown, qkv = {}, [], {}
+    for k, v in state.items():
+        if k in top:
+            meta[top[k]] = v
+            continue
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", k)
+        if not m:
+            unknown.append(k)
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        a = re.match(r"attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
+        if a:
+            qkv.setdefault(i, {})[f"{a.group(1)}.{a.group(2)}"] = v
+            continue
+        ls = re.match(r"layer_scale([12])\.lambda1$", rest)
+        base, _, kind = rest.rpartition(".")
+        if ls:
+            meta[f"blocks.{i}.ls{ls.group(1)}.gamma"] = v
+        elif base in layer:
+            meta[f"blocks.{i}.{layer[base]}.{kind}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        _unexpected(unknown, "Hugging Face DINOv2")
+    for i, p in qkv.items():
+        for kind in ("weight", "bias"):
+            meta[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([p[f"query.{kind}"], p[f"key.{kind}"], p[f"value.{kind}"]])
+    return _dinov2_from_meta_or_timm(meta, "Hugging Face DINOv2", config.get("num_attention_heads"))
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def _reject_leftovers(state, used, ignored, layout):
+    left = [k for k in state if k not in used and not ignored.match(k)]
+    if left:
+        _unexpected(left, layout)
+
+
+def _unwrap_meddinov3(state: dict) -> dict:
+    """MedDINOv3's released file: {'teacher': {'backbone.*': ..., 'dino_head.*': ..., 'ibot_head.*': ...}}."""
+    teacher = state["teacher"]
+    out = {}
+    for k, v in teacher.items():
+        if k.startswith(("dino_head.", "ibot_head.")):
+            continue  # self-supervised projection heads: not part of the backbone
+        if not k.startswith("backbone."):
+            _unexpected([k], "MedDINOv3 teacher")
+        out[k[len("backbone."):]] = v
+    return out
+
+
+def to_canonical(state: dict, hf_config: dict | None = None) -> CanonicalWeights:
+    """Detect the layout of ``state`` and convert it; raises WeightFileError for anything else."""
+    try:
+        return _to_canonical(state, hf_config)
+    except WeightFileError:
+        raise
+    except KeyError as e:  # a tensor the detected layout requires is absent (truncated or partial state dict)
+        raise WeightFileError(f"The weights lack the tensor {e.args[0]!r}: the file is incomplete or not a full "
+                              f"DINO state dict. {HOW_TO_GET_WEIGHTS}") from e
+    except ValueError as e:  # match_architecture: the structure read off the file is no registered architecture
+        raise WeightFileError(f"{e} {HOW_TO_GET_WEIGHTS}") from e
+
+
+def _to_canonical(state: dict, hf_config: dict | None) -> CanonicalWeights:
+    if hf_config is not None:
+        model_type = hf_config.get("model_type", "")
+        if model_type == "dinov3_vit":
+            return _dinov3_from_hf(state, hf_config)
+        if model_type in ("dinov2", "dinov2_with_registers"):
+            return _dinov2_from_hf(state, hf_config)
+        raise WeightFileError(
+            f"The Hugging Face folder holds a {model_type!r} model; nnunet-dino loads dinov3_vit, dinov2 and "
+            f"dinov2_with_registers. {HOW_TO_GET_WEIGHTS}"
+        )
+    if "teacher" in state and isinstance(state["teacher"], dict):
+        canonical = _dinov3_from_meta(_unwrap_meddinov3(state), "MedDINOv3 CT checkpoint")
+        return canonical
+    if "storage_tokens" in state:
+        return _dinov3_from_meta(state, "Meta DINOv3")
+    if "reg_token" in state and "blocks.0.gamma_1" in state:
+        return _dinov3_from_timm(state)
+    if "pos_embed" in state and "blocks.0.attn.qkv.weight" in state:
+        return _dinov2_from_meta_or_timm(state, "Meta/timm DINOv2")
+    sample = sorted(state)[:8]
+    raise WeightFileError(
+        f"These weights are not a DINOv3/DINOv2 ViT in any supported layout (first keys: {sample}). Supported: "
+        f"Meta's official .pth files, Hugging Face folders, timm safetensors and the MedDINOv3 CT checkpoint. "
+        f"{HOW_TO_GET_WEIGHTS}"
+    )

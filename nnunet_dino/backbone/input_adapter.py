@@ -1,0 +1,109 @@
+"""From an nnU-Net patch (B, C, H, W; normalised by nnU-Net) to the ViT's input space, and back.
+
+Channels: 1 channel is repeated to RGB; 3 channels are taken as RGB; any other count goes through a learnable
+1x1 projection to 3 channels initialised to the channel mean (so training starts from the grey-level view).
+
+Intensities: nnU-Net z-scores MRI/US channels and clips+z-scores CT. A z-scored channel already has the first two
+moments the pretrained ViT saw after its own normalisation ((p - mean) / std), so it passes unchanged; channels
+nnU-Net rescaled to [0, 1] (RGB PNGs) are normalised with the statistics of the weights' pretraining data
+(ImageNet for LVD, SAT statistics, none for MedDINOv3, whose convention is the nnU-Net-normalised channel).
+The affine is kept in buffers, so checkpoints carry it and prediction reproduces training exactly.
+
+Geometry: patches are upsampled (bilinear) so that the short side spans ``min_short_side_tokens`` tokens, then
+zero-padded (the mean in ViT space) at the bottom/right to a multiple of the patch size. Nothing is cropped; the
+helpers below map token maps back onto the original patch grid.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import PIXEL_STATS
+
+# nnU-Net normalisation schemes whose output lies in [0, 1] rather than being standardised.
+UNIT_RANGE_SCHEMES = ("RGBTo0_1Normalization", "RescaleTo01Normalization")
+
+
+class DinoInputAdapter(nn.Module):
+    def __init__(self, in_channels: int, patch_size: int, image_hw: Sequence[int], min_short_side_tokens: int = 16,
+                 normalization_schemes: Sequence[str] | None = None, pretraining: str = "lvd1689m"):
+        super().__init__()
+        if len(image_hw) != 2:
+            raise ValueError(f"DinoInputAdapter works on 2D patches; got patch size {tuple(image_hw)}. Use the 2d "
+                             f"configuration (3D volumes are trained slice-wise).")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.image_hw = tuple(int(s) for s in image_hw)
+        scale = max(1.0, min_short_side_tokens * patch_size / min(self.image_hw))
+        self.resized_hw = tuple(int(round(s * scale)) for s in self.image_hw)
+        self.padded_hw = tuple(math.ceil(s / patch_size) * patch_size for s in self.resized_hw)
+        self.token_hw = tuple(s // patch_size for s in self.padded_hw)
+        self.channel_projection = nn.Conv2d(in_channels, 3, 1, bias=False) if in_channels not in (1, 3) else None
+        if self.channel_projection is not None:
+            nn.init.constant_(self.channel_projection.weight, 1.0 / in_channels)
+        schemes = list(normalization_schemes or ["ZScoreNormalization"] * in_channels)
+        if len(schemes) != in_channels:
+            raise ValueError(f"{len(schemes)} normalisation schemes for {in_channels} channels.")
+        if in_channels == 1:
+            schemes = schemes * 3
+        elif in_channels != 3:
+            schemes = ["ZScoreNormalization"] * 3  # the projection mixes channels; nnU-Net inputs are standardised
+        self._unit_range = [s in UNIT_RANGE_SCHEMES for s in schemes]
+        self.register_buffer("vit_scale", torch.ones(1, 3, 1, 1))
+        self.register_buffer("vit_shift", torch.zeros(1, 3, 1, 1))
+        self.set_pretraining(pretraining)
+
+    def set_pretraining(self, pretraining: str) -> None:
+        """Match the intensity affine to the pretraining data of the loaded weights (see module doc)."""
+        if pretraining not in PIXEL_STATS:
+            raise ValueError(f"Unknown pretraining data {pretraining!r}; known: {list(PIXEL_STATS)}.")
+        stats = PIXEL_STATS[pretraining]
+        scale, shift = torch.ones(3), torch.zeros(3)
+        if stats is not None:
+            mean, std = torch.tensor(stats[0]), torch.tensor(stats[1])
+            unit = torch.tensor(self._unit_range)
+            scale = torch.where(unit, 1.0 / std, scale)
+            shift = torch.where(unit, -mean / std, shift)
+        self.vit_scale.copy_(scale.view(1, 3, 1, 1))
+        self.vit_shift.copy_(shift.view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.image_hw:
+            raise ValueError(f"Expected a (B, {self.in_channels}, {self.image_hw[0]}, {self.image_hw[1]}) patch, got "
+                             f"{tuple(x.shape)}.")
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif self.channel_projection is not None:
+            x = self.channel_projection(x)
+        x = x * self.vit_scale + self.vit_shift
+        if self.resized_hw != self.image_hw:
+            x = F.interpolate(x, size=self.resized_hw, mode="bilinear", align_corners=False)
+        return self._pad(x)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = (p - r for p, r in zip(self.padded_hw, self.resized_hw))
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+    def token_map_to(self, fmap: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
+        """Resample a token-grid map onto the original patch grid scaled to ``out_hw`` (dropping the padding)."""
+        out_hw = tuple(int(s) for s in out_hw)
+        full = tuple(int(round(o * p / r)) for o, p, r in zip(out_hw, self.padded_hw, self.resized_hw))
+        full = tuple(max(f, o) for f, o in zip(full, out_hw))
+        up = F.interpolate(fmap, size=full, mode="bilinear", align_corners=False)
+        return up[..., : out_hw[0], : out_hw[1]]
+
+    def dense_to_tokens(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Area-average a dense (B, K, H, W) map onto the token grid. Returns (map, valid) where ``valid`` is the
+        fraction of each token covering the real patch (0 for pure padding)."""
+        if self.resized_hw != self.image_hw:
+            dense = F.interpolate(dense, size=self.resized_hw, mode="bilinear", align_corners=False)
+        ones = torch.ones_like(dense[:, :1])
+        pooled = F.avg_pool2d(self._pad(dense), self.patch_size)
+        valid = F.avg_pool2d(self._pad(ones), self.patch_size)
+        return pooled / valid.clamp_min(1e-6), valid

@@ -1,0 +1,107 @@
+"""DinoBackbone: a timm ViT of a registered architecture that returns patch-token maps."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .formats import CanonicalWeights
+from .registry import DinoArchitecture
+from .vit_factory import create_vit
+from .weight_files import WeightFileError
+
+log = logging.getLogger("nnunet_dino")
+
+
+@dataclass
+class LoadReport:
+    arch: str
+    layout: str
+    source: str
+    pretraining: str
+    random_init: bool = False
+
+    def describe(self) -> str:
+        if self.random_init:
+            return (f"{self.arch}: RANDOMLY INITIALISED DINO weights (explicitly requested). Results are NOT those "
+                    f"of a pretrained foundation model.")
+        return f"{self.arch}: pretrained weights ({self.pretraining}) from {self.source} [{self.layout} layout]"
+
+
+class DinoBackbone(nn.Module):
+    """Patch-token features of a DINOv3/DINOv2 ViT.
+
+    ``patch_features`` returns, per requested block, the (B, C, H/p, W/p) map of the *last* h*w tokens after the
+    final norm: CLS and register tokens are never taken as patches. When frozen, the ViT always runs in eval mode,
+    so features are deterministic (timm's DINOv3 has no train-time RoPE jitter; dropout/drop-path are off)."""
+
+    def __init__(self, arch: DinoArchitecture, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.arch = arch
+        self.vit = create_vit(arch, drop_path_rate)
+        self.frozen = False
+
+    @property
+    def patch_size(self) -> int:
+        return self.arch.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.arch.embed_dim
+
+    def freeze(self) -> "DinoBackbone":
+        """Freeze every base weight (LoRA tensors, if any, stay trainable) and pin eval mode."""
+        for name, p in self.vit.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.frozen = True
+        self.vit.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen and not any(p.requires_grad for p in self.vit.parameters()):
+            self.vit.eval()  # a fully frozen ViT is a fixed feature extractor: never stochastic
+        return self
+
+    def patch_features(self, x: torch.Tensor, layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"patch_features expects (B, 3, H, W) in the backbone's input space, got {tuple(x.shape)}; "
+                             f"use DinoInputAdapter to map nnU-Net patches.")
+        p = self.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"H and W must be multiples of the patch size {p}, got {tuple(x.shape[-2:])}; "
+                             f"DinoInputAdapter pads (never crops) to such sizes.")
+        layers = list(self.arch.default_layers if layers is None else layers)
+        bad = [i for i in layers if not 0 <= i < self.arch.depth]
+        if bad:
+            raise ValueError(f"Block indices {bad} out of range for {self.arch.name} with {self.arch.depth} blocks.")
+        return self.vit.forward_intermediates(x, indices=layers, norm=True, output_fmt="NCHW", intermediates_only=True)
+
+    # ------------------------------------------------------------------------------------------ weights
+    def load_canonical(self, weights: CanonicalWeights) -> None:
+        """Strictly load converted weights into the (possibly LoRA-wrapped) ViT. Missing or unexpected keys
+        are an error that names them; LoRA tensors are the only model keys weights may not provide."""
+        if weights.arch.name != self.arch.name:
+            raise WeightFileError(
+                f"The weights are {weights.arch.name} ({weights.layout} layout) but this backbone is {self.arch.name}. "
+                f"Use weights of {self.arch.name}, or choose the matching architecture/trainer variant."
+            )
+        model_keys = self.vit.state_dict().keys()
+        # peft wraps a Linear as X.base_layer; map X.weight -> X.base_layer.weight where that happened.
+        target = {}
+        for k, v in weights.state_dict.items():
+            mod, _, leaf = k.rpartition(".")
+            wrapped = f"{mod}.base_layer.{leaf}"
+            target[wrapped if wrapped in model_keys else k] = v
+        missing = [k for k in model_keys if k not in target and "lora_" not in k]
+        unexpected = [k for k in target if k not in model_keys]
+        if missing or unexpected:
+            raise WeightFileError(
+                f"Weights do not fit {self.arch.name}: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}."
+            )
+        result = self.vit.load_state_dict(target, strict=False)
+        assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys), result

@@ -1,0 +1,67 @@
+"""GuiDINO's auxiliary losses: guide supervision and the boundary-focused hinge loss.
+
+Both take nnU-Net's full-resolution target as it arrives in a batch: a label map (B, 1, H, W) for class
+training, or region masks (B, R, H, W) (+ a trailing ignore channel when an ignore label is used) for regions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dense_targets(target: torch.Tensor, num_outputs: int, has_regions: bool, ignore_label: int | None):
+    """(per-output binary targets (B, K, H, W) float, valid-pixel mask (B, 1, H, W) float)."""
+    if has_regions:
+        if ignore_label is not None:
+            valid = 1.0 - target[:, -1:].float()
+            target = target[:, :-1]
+        else:
+            valid = torch.ones_like(target[:, :1], dtype=torch.float32)
+        return target.float(), valid
+    labels = target[:, 0].long()
+    valid = torch.ones_like(labels, dtype=torch.float32)
+    if ignore_label is not None:
+        valid = (labels != ignore_label).float()
+        labels = torch.where(labels == ignore_label, torch.zeros_like(labels), labels)
+    onehot = F.one_hot(labels, num_outputs).permute(0, 3, 1, 2).float()
+    return onehot, valid[:, None]
+
+
+def guide_loss(guide_scores: torch.Tensor, guide_masks: torch.Tensor, token_targets: torch.Tensor,
+               token_weights: torch.Tensor, use_logits: bool) -> torch.Tensor:
+    """Guide vs area-averaged soft targets on the token grid, weighted by how much of each token is real, labelled
+    image. ``use_logits``: BCE on logits (learned TokenBook); otherwise MSE on the masks (published form)."""
+    if guide_masks.shape[1] == 1 and token_targets.shape[1] > 1:  # single (paper) guide: foreground vs background
+        token_targets = token_targets[:, 1:].sum(1, keepdim=True).clamp(max=1.0)
+    if use_logits:
+        per_token = F.binary_cross_entropy_with_logits(guide_scores.float(), token_targets, reduction="none")
+    else:
+        per_token = (guide_masks.float() - token_targets) ** 2
+    weights = token_weights.expand_as(per_token)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def boundary_band(mask: torch.Tensor) -> torch.Tensor:
+    """dilate(mask) - erode(mask) with a 3x3 structuring element (morphological gradient): (B, K, H, W) in {0, 1}."""
+    dilated = F.max_pool2d(mask, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-mask, 3, stride=1, padding=1)
+    return dilated - eroded
+
+
+def boundary_hinge_loss(logits: torch.Tensor, binary_targets: torch.Tensor, valid: torch.Tensor, has_regions: bool,
+                        margin: float = 1.0) -> torch.Tensor:
+    """relu(m - t * z) averaged over the boundary band of each foreground class/region, t = 2y - 1.
+
+    Regions (sigmoid outputs): z is the region's logit. Classes (softmax outputs): z is the class margin
+    z_c - max_{k != c} z_k, the quantity whose sign decides the argmax; background is not a boundary class."""
+    logits = logits.float()
+    if has_regions:
+        z, y = logits, binary_targets
+    else:
+        k = logits.shape[1]
+        eye = torch.eye(k, device=logits.device, dtype=torch.bool).view(1, k, k, 1, 1)
+        others = logits[:, None].expand(-1, k, -1, -1, -1).masked_fill(eye, float("-inf")).amax(dim=2)
+        z, y = (logits - others)[:, 1:], binary_targets[:, 1:]
+    band = boundary_band(y) * valid
+    hinge = F.relu(margin - (2 * y - 1) * z)
+    return (hinge * band).sum() / band.sum().clamp_min(1.0)

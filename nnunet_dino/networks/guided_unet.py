@@ -1,0 +1,116 @@
+"""GuidedUNet: nnU-Net's own network (whatever the plans build) gated by DINO guide masks.
+
+Gates are attached with forward hooks on the stage modules that every nnU-Net U-Net exposes
+(``encoder.stages`` and ``decoder.stages``: PlainConvUNet, ResidualEncoderUNet, any number of stages), so the
+segmentation network stays exactly the one the plans describe and nothing of its forward is re-implemented.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..backbone import DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
+from ..guidance import DinoGuidance, GuideGate, TokenBook, TokenBookConfig
+
+GATE_PLACES = ("input", "encoder", "bottleneck", "decoder")
+
+
+@dataclass(frozen=True)
+class GuiDINOConfig:
+    """Everything that shapes a GuiDINO network. Trainer variants override fields of this, nothing else."""
+    dino_arch: str = "dinov3_vits16"
+    dino_layer: int = -1  # GuiDINO uses the last block's tokens
+    lora: LoraSettings | None = field(default_factory=LoraSettings)  # None: frozen backbone
+    min_short_side_tokens: int = 16
+    tokenbook: TokenBookConfig = field(default_factory=TokenBookConfig)
+    gate_places: tuple[str, ...] = ("encoder", "bottleneck")
+    gate_mode: str = "residual"
+
+    def __post_init__(self):
+        bad = [p for p in self.gate_places if p not in GATE_PLACES]
+        if bad or not self.gate_places:
+            raise ValueError(f"gate_places must be a non-empty subset of {GATE_PLACES}, got {self.gate_places}.")
+        get_architecture(self.dino_arch)
+
+
+class GuidedUNet(nn.Module):
+    def __init__(self, unet: nn.Module, guidance: DinoGuidance, gate_places: Sequence[str], gate_mode: str,
+                 num_input_channels: int):
+        super().__init__()
+        if not (hasattr(unet, "encoder") and hasattr(unet.encoder, "stages") and hasattr(unet, "decoder")
+                and hasattr(unet.decoder, "stages")):
+            raise TypeError(f"{type(unet).__name__} does not expose encoder.stages/decoder.stages like nnU-Net's U-Nets; "
+                            f"GuiDINO cannot attach its gates to it.")
+        self.unet = unet
+        self.guidance = guidance
+        num_guides = guidance.tokenbook.num_guides
+        enc_channels = list(unet.encoder.output_channels)
+        self.gates = nn.ModuleDict()
+        self._hooked: dict[str, nn.Module] = {}
+        if "input" in gate_places:
+            self.gates["input"] = GuideGate(num_guides, num_input_channels, gate_mode)
+        n_enc = len(unet.encoder.stages)
+        for i, stage in enumerate(unet.encoder.stages):
+            place = "bottleneck" if i == n_enc - 1 else "encoder"
+            if place in gate_places:
+                self._attach(f"encoder_{i}", stage, GuideGate(num_guides, enc_channels[i], gate_mode))
+        if "decoder" in gate_places:
+            for s, stage in enumerate(unet.decoder.stages):
+                self._attach(f"decoder_{s}", stage, GuideGate(num_guides, enc_channels[-(s + 2)], gate_mode))
+        self._masks: torch.Tensor | None = None
+        self.last_guide: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _attach(self, name: str, stage: nn.Module, gate: GuideGate) -> None:
+        self.gates[name] = gate
+        stage.register_forward_hook(self._make_hook(name))
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            return self.gates[name](output, self._masks_for(output))
+        return hook
+
+    def _masks_for(self, features: torch.Tensor) -> torch.Tensor:
+        if self._masks is None:
+            raise RuntimeError("GuidedUNet stages must run inside GuidedUNet.forward (guide masks not computed).")
+        return self.guidance.adapter.token_map_to(self._masks, features.shape[-2:]).to(features.dtype)
+
+    @property
+    def decoder(self):
+        """nnU-Net toggles deep supervision through ``network.decoder.deep_supervision``."""
+        return self.unet.decoder
+
+    @property
+    def encoder(self):
+        return self.unet.encoder
+
+    def forward(self, x: torch.Tensor):
+        scores, masks = self.guidance(x)
+        self._masks = masks
+        try:
+            if "input" in self.gates:
+                x = self.gates["input"](x, self._masks_for(x))
+            out = self.unet(x)
+        finally:
+            self._masks = None
+        self.last_guide = (scores, masks)  # read by the trainer's guide loss and by the overlay tool
+        return out
+
+
+def build_guided_unet(unet: nn.Module, config: GuiDINOConfig, num_input_channels: int, num_outputs: int,
+                      patch_size: Sequence[int], normalization_schemes: Sequence[str] | None) -> GuidedUNet:
+    """Deterministic structure (the predictor rebuilds it, then loads the checkpoint strictly). Pretrained DINO
+    weights are loaded by the trainer at training start, never here."""
+    arch = get_architecture(config.dino_arch)
+    backbone = DinoBackbone(arch)
+    if config.lora is not None:
+        apply_lora(backbone, config.lora)
+    else:
+        backbone.freeze()
+    adapter = DinoInputAdapter(num_input_channels, arch.patch_size, patch_size, config.min_short_side_tokens,
+                               normalization_schemes, arch.default_pretraining)
+    tokenbook = TokenBook(arch.embed_dim, num_outputs, config.tokenbook)
+    guidance = DinoGuidance(backbone, adapter, tokenbook, config.dino_layer)
+    return GuidedUNet(unet, guidance, config.gate_places, config.gate_mode, num_input_channels)

@@ -1,0 +1,171 @@
+"""GuiDINO end to end through the stock nnU-Net commands, in subprocesses, as a user runs it (CPU).
+
+One short training of the bundled Dataset990_HippoTiny (3D NIfTI volumes trained slice-wise in 2d) is shared by
+the assertions below. DINO weights are random (nnUNet_dino_weights=random): no pretrained weights exist here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_dino.cli.stock_pipeline import command, evaluate, nnunet_environment, run, train
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = REPO / "datasets" / "nnUNet_raw"
+SHARED_RAW = REPO.parent / "shared" / "data" / "nnUNet_raw"
+TRAINER = "nnUNetTrainerGuiDINO_CPUSmoke"
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def hippo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("hippo")
+    env = nnunet_environment(RAW, work, nnUNet_dino_weights="random")
+    run([command("nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "1"], env)
+    log = train("990", TRAINER, env)
+    model = work / "nnUNet_results" / "Dataset990_HippoTiny" / f"{TRAINER}__nnUNetPlans__2d"
+    return {"work": work, "env": env, "train_log": log, "model": model}
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_plugin_trainer_ran_and_logged_its_terms(hippo):
+    fold = hippo["model"] / "fold_0"
+    assert f"Using trainer '{TRAINER}' from:" in hippo["train_log"]  # found through nnUNet_extTrainer, no fallback
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert (fold / "progress.png").stat().st_size > 10_000
+    weights = json.loads((fold / "dino_weights.json").read_text())
+    assert weights["backbones"][0]["random_init"] is True  # results here are labelled as random-DINO
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == TRAINER
+    logged = ckpt["logging"]
+    for phase in ("train", "val"):
+        for term in ("seg_loss", "guide_loss", "hinge_loss"):
+            values = logged[f"{phase}_{term}"]
+            assert len(values) == len(logged["train_losses"]) and all(np.isfinite(values))
+    keys = ckpt["network_weights"].keys()
+    assert any("lora_A" in k for k in keys) and any("tokenbook.prototypes" in k for k in keys)
+
+
+def test_predict_in_fresh_process_matches_validation_and_geometry(hippo):
+    fold = hippo["model"] / "fold_0"
+    val_cases = sorted(p.name[: -len(".nii.gz")] for p in (fold / "validation").glob("*.nii.gz"))
+    assert val_cases
+    inputs = hippo["work"] / "val_inputs"
+    inputs.mkdir()
+    for case in val_cases:
+        shutil.copy(RAW / "Dataset990_HippoTiny" / "imagesTr" / f"{case}_0000.nii.gz", inputs)
+    out = hippo["work"] / "val_pred"
+    env = {k: v for k, v in hippo["env"].items() if k != "nnUNet_dino_weights"}  # prediction needs no DINO file
+    run([command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", "990", "-c", "2d", "-tr", TRAINER,
+         "-f", "0", "-device", "cpu"], env)
+    for case in val_cases:
+        predicted = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
+        assert predicted.GetSize() == image.GetSize() and np.allclose(predicted.GetSpacing(), image.GetSpacing())
+        assert np.array_equal(sitk.GetArrayFromImage(predicted), _read(fold / "validation" / f"{case}.nii.gz"))
+
+
+def test_predict_test_set_and_evaluate(hippo):
+    out = hippo["work"] / "test_pred"
+    run([command("nnUNetv2_predict"), "-i", str(RAW / "Dataset990_HippoTiny" / "imagesTs"), "-o", str(out), "-d", "990",
+         "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu"], hippo["env"])
+    summary = evaluate(RAW / "Dataset990_HippoTiny" / "labelsTs", out, hippo["env"])
+    assert set(summary["mean"]) == {"1", "2"}
+    for case in summary["metric_per_case"]:
+        labels = set(np.unique(_read(Path(case["prediction_file"]))))
+        assert labels <= {0, 1, 2}
+    # Floor: after 48 iterations nnU-Net's own network already separates hippocampus from background; a guide that
+    # destroyed features (the failure mode residual gates exist to prevent) would leave Dice at 0.
+    assert summary["foreground_mean"]["Dice"] > 0.2, summary["foreground_mean"]
+
+
+def test_resume_restores_every_piece(hippo, monkeypatch):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    for k, v in hippo["env"].items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("nnUNet_dino_weights")  # resuming must not need the DINO file
+    pre = hippo["work"] / "nnUNet_preprocessed" / "Dataset990_HippoTiny"
+    cls = recursive_find_trainer_class_by_name(TRAINER)
+    trainer = cls(load_json(pre / "nnUNetPlans.json"), "2d", 0, load_json(pre / "dataset.json"), torch.device("cpu"))
+    ckpt_path = hippo["model"] / "fold_0" / "checkpoint_final.pth"
+    trainer.load_checkpoint(str(ckpt_path))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = trainer.network.state_dict()
+    assert state.keys() == ckpt["network_weights"].keys()
+    for k, v in ckpt["network_weights"].items():
+        assert torch.equal(state[k], v), k
+    restored = trainer.optimizer.state_dict()
+    assert [g["lr"] for g in restored["param_groups"]] == [g["lr"] for g in ckpt["optimizer_state"]["param_groups"]]
+    assert [g["name"] for g in restored["param_groups"]] == ["segmentation", "guidance", "lora"]
+    for idx, s in ckpt["optimizer_state"]["state"].items():
+        assert torch.equal(restored["state"][idx]["momentum_buffer"], s["momentum_buffer"])
+    trainer.on_train_start()  # does not ask for DINO weights: they come from the checkpoint
+    trainer.on_train_end()
+
+
+def test_training_without_weights_stops_at_once_with_instructions(hippo):
+    env = {k: v for k, v in hippo["env"].items() if k != "nnUNet_dino_weights"}
+    with pytest.raises(RuntimeError) as err:
+        train("990", "nnUNetTrainerGuiDINO_5epochs", env)
+    assert "No DINO weights configured" in str(err.value) and "nnUNet_dino_weights" in str(err.value)
+    fold = hippo["work"] / "nnUNet_results" / "Dataset990_HippoTiny" / "nnUNetTrainerGuiDINO_5epochs__nnUNetPlans__2d"
+    assert not list(fold.rglob("checkpoint_*.pth"))
+
+
+def test_training_with_weights_of_another_kind_is_refused(hippo, tmp_path):
+    foreign = tmp_path / "resnet50.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 2048)}, foreign)
+    env = dict(hippo["env"], nnUNet_dino_weights=str(foreign))
+    with pytest.raises(RuntimeError) as err:
+        train("990", "nnUNetTrainerGuiDINO_10epochs", env)
+    assert "not a DINOv3/DINOv2 ViT" in str(err.value)
+
+
+def test_guide_overlays(hippo):
+    out = hippo["work"] / "overlays"
+    run([command("nnUNetv2_dino_guide_overlays"), "-i", str(RAW / "Dataset990_HippoTiny" / "imagesTs"), "-o", str(out),
+         "-d", "990", "-tr", TRAINER, "--nifti"], hippo["env"])
+    pngs = sorted(out.glob("*_guides.png"))
+    assert len(pngs) == 4
+    image = sitk.ReadImage(str(RAW / "Dataset990_HippoTiny" / "imagesTs" / "hippocampus_067_0000.nii.gz"))
+    guide = sitk.ReadImage(str(out / "hippocampus_067_guide_1.nii.gz"))
+    assert guide.GetSize() == image.GetSize()
+    values = sitk.GetArrayFromImage(guide)
+    assert values.min() >= 0 and values.max() <= 1
+
+
+@pytest.mark.parametrize("dataset,raw_root", [("992", RAW), ("991", SHARED_RAW)], ids=["HC18Tiny-grey-png",
+                                                                                      "KvasirTiny-rgb-png"])
+def test_png_datasets(dataset, raw_root, tmp_path):
+    if not raw_root.exists():
+        pytest.fail(f"{raw_root} is missing: KvasirTiny is research-only and read from ../shared, never shipped.")
+    env = nnunet_environment(raw_root, tmp_path, nnUNet_dino_weights="random")
+    run([command("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "1"], env)
+    train(dataset, TRAINER, env, extra=["--npz"])
+    name = next(p.name for p in raw_root.iterdir() if p.name.startswith(f"Dataset{dataset}_"))
+    out = tmp_path / "pred"
+    run([command("nnUNetv2_predict"), "-i", str(raw_root / name / "imagesTs"), "-o", str(out), "-d", dataset, "-c",
+         "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu"], env)
+    summary = evaluate(raw_root / name / "labelsTs", out, env)
+    assert len(summary["metric_per_case"]) == 4
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+
+    for case in summary["metric_per_case"]:
+        pred, _ = NaturalImage2DIO().read_seg(case["prediction_file"])
+        ref, _ = NaturalImage2DIO().read_seg(case["reference_file"])
+        assert pred.shape == ref.shape and set(np.unique(pred)) <= {0, 1}

@@ -1,0 +1,82 @@
+"""GuiDINO trainers for nnU-Net: ``nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerGuiDINO``.
+
+Thin classes only: the logic is nnunet_dino.training.GuiDINOTrainer, and every variant changes one attribute.
+nnU-Net imports this folder's modules as top-level modules, hence the absolute imports.
+"""
+from dataclasses import replace
+
+from nnunet_dino.backbone import LoraSettings
+from nnunet_dino.guidance import TokenBookConfig
+from nnunet_dino.training import GuiDINOTrainer
+
+
+class nnUNetTrainerGuiDINO(GuiDINOTrainer):
+    """DINOv3 ViT-S/16 with LoRA guiding nnU-Net's own network (encoder stages and bottleneck)."""
+
+
+# ---- schedules (nnU-Net's naming)
+class nnUNetTrainerGuiDINO_5epochs(nnUNetTrainerGuiDINO):
+    epochs = 5
+
+
+class nnUNetTrainerGuiDINO_10epochs(nnUNetTrainerGuiDINO):
+    epochs = 10
+
+
+class nnUNetTrainerGuiDINO_50epochs(nnUNetTrainerGuiDINO):
+    epochs = 50
+
+
+class nnUNetTrainerGuiDINO_100epochs(nnUNetTrainerGuiDINO):
+    epochs = 100
+
+
+class nnUNetTrainerGuiDINO_250epochs(nnUNetTrainerGuiDINO):
+    epochs = 250
+
+
+class nnUNetTrainerGuiDINO_CPUSmoke(nnUNetTrainerGuiDINO):
+    """A couple of minutes on 2 CPU cores: for smoke tests and the README demo."""
+    epochs = 5
+    iterations_per_epoch = 20
+    val_iterations_per_epoch = 2
+    batch_size = 8
+    guidino = replace(GuiDINOTrainer.guidino, min_short_side_tokens=8)
+
+
+# ---- ablations
+class nnUNetTrainerGuiDINO_noHinge(nnUNetTrainerGuiDINO):
+    hinge_loss_weight = 0.0
+
+
+class nnUNetTrainerGuiDINO_frozen(nnUNetTrainerGuiDINO):
+    """Frozen DINO (no LoRA): deterministic features, lower memory."""
+    guidino = replace(GuiDINOTrainer.guidino, lora=None)
+
+
+class nnUNetTrainerGuiDINO_paper(nnUNetTrainerGuiDINO):
+    """The published formulation: mean-over-prototypes TokenBook, one guide, pure multiplication at the bottleneck."""
+    guidino = replace(GuiDINOTrainer.guidino, tokenbook=TokenBookConfig(mode="paper"), gate_places=("bottleneck",),
+                      gate_mode="multiplicative")
+
+
+class nnUNetTrainerGuiDINO_decoderGates(nnUNetTrainerGuiDINO):
+    """Gate every stage: input, encoder, bottleneck and decoder."""
+    guidino = replace(GuiDINOTrainer.guidino, gate_places=("input", "encoder", "bottleneck", "decoder"))
+
+
+class nnUNetTrainerGuiDINO_loraMLP(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, lora=LoraSettings(mlp=True))
+
+
+# ---- DINOv3 sizes (weights: Meta's file of that size)
+class nnUNetTrainerGuiDINO_vitsplus(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, dino_arch="dinov3_vits16plus")
+
+
+class nnUNetTrainerGuiDINO_vitb(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, dino_arch="dinov3_vitb16")
+
+
+class nnUNetTrainerGuiDINO_vitl(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, dino_arch="dinov3_vitl16")
