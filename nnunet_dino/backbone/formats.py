@@ -119,10 +119,38 @@ def _dinov3_from_timm(state: dict) -> CanonicalWeights:
     return _dinov3_from_meta(meta, "timm DINOv3")
 
 
+def _rename_hf(state: dict, top: dict, layer_prefix: str, layers: dict, attention: str, layout: str):
+    """Both Hugging Face layouts: rename top-level and per-layer keys to Meta's names, and collect each layer's
+    q/k/v tensors (as 'q.weight', 'k.bias', ...) for fusing. Any key not understood is an error."""
+    meta, unknown, qkv = {}, [], {}
+    for k, v in state.items():
+        if k in top:
+            meta[top[k]] = v
+            continue
+        m = re.match(layer_prefix + r"(\d+)\.(.+)$", k)
+        if not m:
+            unknown.append(k)
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        a = re.match(attention, rest)
+        if a:
+            qkv.setdefault(i, {})[f"{a.group(1)[0]}.{a.group(2)}"] = v
+            continue
+        base, _, kind = rest.rpartition(".")
+        if rest in layers:
+            meta[f"blocks.{i}.{layers[rest]}"] = v
+        elif base in layers:
+            meta[f"blocks.{i}.{layers[base]}.{kind}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        _unexpected(unknown, layout)
+    return meta, qkv
+
+
 def _dinov3_from_hf(state: dict, config: dict) -> CanonicalWeights:
     """Hugging Face DINOv3ViTModel layout -> Meta layout -> canonical."""
     gated = bool(config.get("use_gated_mlp", False))
-    meta = {}
     top = {"embeddings.cls_token": "cls_token", "embeddings.register_tokens": "storage_tokens",
            "embeddings.mask_token": "mask_token", "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
            "embeddings.patch_embeddings.bias": "patch_embed.proj.bias", "norm.weight": "norm.weight",
@@ -130,31 +158,9 @@ def _dinov3_from_hf(state: dict, config: dict) -> CanonicalWeights:
     layer = {"norm1": "norm1", "norm2": "norm2", "attention.o_proj": "attn.proj", "layer_scale1.lambda1": "ls1.gamma",
              "layer_scale2.lambda1": "ls2.gamma", "mlp.down_proj": "mlp.w3" if gated else "mlp.fc2",
              "mlp.up_proj": "mlp.w2" if gated else "mlp.fc1", "mlp.gate_proj": "mlp.w1"}
-    unknown = []
-    qkv: dict[int, dict] = {}
-    for k, v in state.items():
-        if k in top:
-            meta[top[k]] = v
-            continue
-        # Files on disk (hub, save_pretrained) say layer.N; transformers>=5 renames that to model.layer.N in memory.
-        m = re.match(r"(?:model\.)?layer\.(\d+)\.(.+)$", k)
-        if not m:
-            unknown.append(k)
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        a = re.match(r"attention\.([qkv])_proj\.(weight|bias)$", rest)
-        if a:
-            qkv.setdefault(i, {})[f"{a.group(1)}.{a.group(2)}"] = v
-            continue
-        base, _, kind = rest.rpartition(".")
-        if rest in layer:
-            meta[f"blocks.{i}.{layer[rest]}"] = v
-        elif base in layer:
-            meta[f"blocks.{i}.{layer[base]}.{kind}"] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        _unexpected(unknown, "Hugging Face DINOv3")
+    # Files on disk (hub, save_pretrained) say layer.N; transformers>=5 renames that to model.layer.N in memory.
+    meta, qkv = _rename_hf(state, top, r"(?:model\.)?layer\.", layer, r"attention\.([qkv])_proj\.(weight|bias)$",
+                           "Hugging Face DINOv3")
     for i, parts in qkv.items():
         if "k.bias" in parts and parts["k.bias"].abs().max() > 0:
             raise WeightFileError(f"Layer {i} of the Hugging Face DINOv3 folder has a non-zero key bias, which DINOv3 "
@@ -198,34 +204,13 @@ def _dinov2_from_hf(state: dict, config: dict) -> CanonicalWeights:
            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
     layer = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "mlp.fc1": "mlp.fc1",
-             "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
-    meta, unknown, qkv = {}, [], {}
-    for k, v in state.items():
-        if k in top:
-            meta[top[k]] = v
-            continue
-        m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", k)
-        if not m:
-            unknown.append(k)
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        a = re.match(r"attention\.attention\.(query|key|value)\.(weight|bias)$", rest)
-        if a:
-            qkv.setdefault(i, {})[f"{a.group(1)}.{a.group(2)}"] = v
-            continue
-        ls = re.match(r"layer_scale([12])\.lambda1$", rest)
-        base, _, kind = rest.rpartition(".")
-        if ls:
-            meta[f"blocks.{i}.ls{ls.group(1)}.gamma"] = v
-        elif base in layer:
-            meta[f"blocks.{i}.{layer[base]}.{kind}"] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        _unexpected(unknown, "Hugging Face DINOv2")
+             "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
+             "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+    meta, qkv = _rename_hf(state, top, r"encoder\.layer\.", layer,
+                           r"attention\.attention\.(query|key|value)\.(weight|bias)$", "Hugging Face DINOv2")
     for i, p in qkv.items():
         for kind in ("weight", "bias"):
-            meta[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([p[f"query.{kind}"], p[f"key.{kind}"], p[f"value.{kind}"]])
+            meta[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([p[f"q.{kind}"], p[f"k.{kind}"], p[f"v.{kind}"]])
     return _dinov2_from_meta_or_timm(meta, "Hugging Face DINOv2", config.get("num_attention_heads"))
 
 
