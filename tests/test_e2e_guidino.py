@@ -102,7 +102,9 @@ def test_resume_restores_every_piece(hippo, monkeypatch):
     monkeypatch.delenv("nnUNet_dino_weights")  # resuming must not need the DINO file
     pre = hippo["work"] / "nnUNet_preprocessed" / "Dataset990_HippoTiny"
     cls = recursive_find_trainer_class_by_name(TRAINER)
-    trainer = cls(load_json(pre / "nnUNetPlans.json"), "2d", 0, load_json(pre / "dataset.json"), torch.device("cpu"))
+    plans = load_json(pre / "nnUNetPlans.json")
+    plans["continue_training"] = True  # what nnUNetv2_train --c passes (nnU-Net 2.8 reads it from the plans dict)
+    trainer = cls(plans, "2d", 0, load_json(pre / "dataset.json"), torch.device("cpu"))
     ckpt_path = hippo["model"] / "fold_0" / "checkpoint_final.pth"
     trainer.load_checkpoint(str(ckpt_path))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
