@@ -315,3 +315,24 @@ def meddinov3_b(ckpt_root) -> WeightSet:
     torch.save({"teacher": teacher}, path)
     ws.files["meddinov3"] = path
     return ws
+
+
+# ---------------------------------------------------------------------------------------------- e2e workspace
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_RAW = REPO / "datasets" / "nnUNet_raw"  # HippoTiny and HC18Tiny, shipped with attribution
+SHARED_RAW = REPO.parent / "shared" / "data" / "nnUNet_raw"  # KvasirTiny (research-only: used from here, never shipped)
+
+
+@pytest.fixture(scope="session")
+def hippo_workspace(tmp_path_factory) -> dict:
+    """Dataset990_HippoTiny planned and preprocessed once (``nnUNetv2_plan_and_preprocess -c 2d``) for every e2e
+    module. Each module trains its own trainer into the shared nnUNet_results (trainer names differ) and writes its
+    other outputs under ``work / <module name>``. Random DINO weights: no pretrained weights exist here."""
+    from nnunet_dino.cli.stock_pipeline import command, nnunet_environment, run
+
+    work = tmp_path_factory.mktemp("hippo")
+    env = nnunet_environment(BUNDLED_RAW, work, nnUNet_dino_weights="random")
+    run([command("nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "1"], env)
+    return {"work": work, "env": env, "raw": BUNDLED_RAW / "Dataset990_HippoTiny",
+            "preprocessed": work / "nnUNet_preprocessed" / "Dataset990_HippoTiny",
+            "results": work / "nnUNet_results" / "Dataset990_HippoTiny"}

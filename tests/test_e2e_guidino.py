@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_dino.cli.stock_pipeline import command, evaluate, nnunet_environment, run, train
+from nnunet_dino.cli.stock_pipeline import command, evaluate, run, train
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = REPO / "datasets" / "nnUNet_raw"
@@ -26,13 +26,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def hippo(tmp_path_factory):
-    work = tmp_path_factory.mktemp("hippo")
-    env = nnunet_environment(RAW, work, nnUNet_dino_weights="random")
-    run([command("nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "1"], env)
+def hippo(hippo_workspace):
+    env = hippo_workspace["env"]
+    work = hippo_workspace["work"] / "guidino"
+    work.mkdir()
     log = train("990", TRAINER, env)
-    model = work / "nnUNet_results" / "Dataset990_HippoTiny" / f"{TRAINER}__nnUNetPlans__2d"
-    return {"work": work, "env": env, "train_log": log, "model": model}
+    model = hippo_workspace["results"] / f"{TRAINER}__nnUNetPlans__2d"
+    return {"work": work, "env": env, "train_log": log, "model": model, "preprocessed": hippo_workspace["preprocessed"],
+            "results": hippo_workspace["results"]}
 
 
 def _read(path: Path) -> np.ndarray:
@@ -100,7 +101,7 @@ def test_resume_restores_every_piece(hippo, monkeypatch):
         if k.startswith("nnUNet"):
             monkeypatch.setenv(k, v)
     monkeypatch.delenv("nnUNet_dino_weights")  # resuming must not need the DINO file
-    pre = hippo["work"] / "nnUNet_preprocessed" / "Dataset990_HippoTiny"
+    pre = hippo["preprocessed"]
     cls = recursive_find_trainer_class_by_name(TRAINER)
     plans = load_json(pre / "nnUNetPlans.json")
     plans["continue_training"] = True  # what nnUNetv2_train --c passes (nnU-Net 2.8 reads it from the plans dict)
@@ -126,7 +127,7 @@ def test_training_without_weights_stops_at_once_with_instructions(hippo):
     with pytest.raises(RuntimeError) as err:
         train("990", "nnUNetTrainerGuiDINO_5epochs", env)
     assert "No DINO weights configured" in str(err.value) and "nnUNet_dino_weights" in str(err.value)
-    fold = hippo["work"] / "nnUNet_results" / "Dataset990_HippoTiny" / "nnUNetTrainerGuiDINO_5epochs__nnUNetPlans__2d"
+    fold = hippo["results"] / "nnUNetTrainerGuiDINO_5epochs__nnUNetPlans__2d"
     assert not list(fold.rglob("checkpoint_*.pth"))
 
 
