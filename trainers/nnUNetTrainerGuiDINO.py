@@ -41,7 +41,7 @@ class nnUNetTrainerGuiDINO_CPUSmoke(nnUNetTrainerGuiDINO):
     epochs = 3
     iterations_per_epoch = 12
     val_iterations_per_epoch = 2
-    batch_size = 8
+    max_batch_size = 8
     guidino = replace(GuiDINOTrainer.guidino, min_short_side_tokens=8)
 
 

@@ -15,6 +15,7 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
 from ..backbone import (WEIGHTS_ENV_VAR, DinoBackbone, LoadReport, load_weights_into, resolve_weights_setting,
@@ -34,17 +35,20 @@ class DinoTrainerBase(nnUNetTrainer):
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
-    batch_size: int | None = None  # overrides the plans' batch size (memory / CPU smoke runs)
+    batch_size: int | None = None  # overrides the plans' batch size (memory, benchmarks)
+    max_batch_size: int | None = None  # caps it (CPU smoke runs: never more than the plans' memory-based choice)
     dino_weights: str | None = None  # None: read $nnUNet_dino_weights
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if len(self.configuration_manager.patch_size) != 2:
+        # Checked before nnU-Net's __init__, which already creates the output folder.
+        patch_size = PlansManager(plans).get_configuration(configuration).patch_size
+        if len(patch_size) != 2:
             raise ValueError(
                 f"{self.__class__.__name__} works on 2D patches, but configuration {configuration!r} has patch size "
-                f"{self.configuration_manager.patch_size}. Train the '2d' configuration (3D volumes are then used "
-                f"slice by slice): nnUNetv2_train DATASET 2d FOLD -tr {self.__class__.__name__}")
+                f"{patch_size}. Train the '2d' configuration (3D volumes are then used slice by slice): "
+                f"nnUNetv2_train DATASET 2d FOLD -tr {self.__class__.__name__}")
+        super().__init__(plans, configuration, fold, dataset_json, device)
         if self.epochs is not None:
             self.num_epochs = self.epochs
         if self.iterations_per_epoch is not None:
@@ -53,6 +57,9 @@ class DinoTrainerBase(nnUNetTrainer):
             self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
         if self.batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = self.batch_size
+        if self.max_batch_size is not None:
+            planned = self.configuration_manager.batch_size
+            self.configuration_manager.configuration["batch_size"] = min(planned, self.max_batch_size)
         self._network_from_checkpoint = False
 
     # -------------------------------------------------------------------------------- DINO weights
