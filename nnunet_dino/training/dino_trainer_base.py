@@ -38,6 +38,7 @@ class DinoTrainerBase(nnUNetTrainer):
     batch_size: int | None = None  # overrides the plans' batch size (memory, benchmarks)
     max_batch_size: int | None = None  # caps it (CPU smoke runs: never more than the plans' memory-based choice)
     dino_weights: str | None = None  # None: read $nnUNet_dino_weights
+    mirroring: bool = True  # nnU-Net's mirror augmentation and test-time mirroring; off only to make CPU runs cheap
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -61,6 +62,13 @@ class DinoTrainerBase(nnUNetTrainer):
             planned = self.configuration_manager.batch_size
             self.configuration_manager.configuration["batch_size"] = min(planned, self.max_batch_size)
         self._network_from_checkpoint = False
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.mirroring:  # as nnU-Net's nnUNetTrainerNoMirroring; the predictor reads it from the checkpoint
+            mirror_axes = self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     # -------------------------------------------------------------------------------- DINO weights
     def dino_backbones(self) -> list[DinoBackbone]:

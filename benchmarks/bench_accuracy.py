@@ -1,0 +1,195 @@
+"""Accuracy benchmark: stock nnU-Net vs GuiDINO, same plans, same schedule, stock commands, held-out test set.
+
+    python benchmarks/bench_accuracy.py --work /tmp/bench_work            # both arms (resumes / skips finished steps)
+    python benchmarks/bench_accuracy.py --work /tmp/bench_work --arms stock
+
+Steps, each a stock nnU-Net command in a subprocess (as a user would run it):
+  1. nnUNetv2_plan_and_preprocess -d 4 -c 2d            (skipped if the preprocessed 2d data exist)
+  2. per arm: nnUNetv2_train 4 2d 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
+     identical epochs x iterations x batch for both arms; resumed with --c from checkpoint_latest.pth; skipped if
+     checkpoint_final.pth exists)
+  3. nnUNetv2_predict on imagesTs (52 cases) with fold 0's final checkpoint (skipped if already complete)
+  4. nnUNetv2_evaluate_folder against labelsTs -> per-class Dice
+Training and prediction run under ``nice -n <niceness>`` so the machine's other work keeps priority.
+
+The DINO weights are whatever ``nnUNet_dino_weights`` says; unset, they are random (``random``) and every result
+this script writes is labelled "random DINO weights". Results: <work>/accuracy_results.json and a markdown table on
+stdout (and in --out if given).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from nnunet_dino.cli.stock_pipeline import command, evaluate, nnunet_environment  # noqa: E402
+
+BENCH_TRAINERS = Path(__file__).resolve().parent / "trainers"
+DATASET = "Dataset004_Hippocampus"
+ARMS = {"stock": "nnUNetTrainerBenchStock", "guidino": "nnUNetTrainerBenchGuiDINO"}
+LABELS = {"1": "anterior", "2": "posterior"}
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S} UTC] {msg}", flush=True)
+
+
+def streamed(args: list[str], env: dict, logfile: Path) -> float:
+    """Run a command with its output appended to a log file as it comes; return its wall time; raise on failure."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(logfile, "a") as f:
+        f.write(f"\n$ {' '.join(args)}\n")
+        f.flush()
+        rc = subprocess.call(args, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(args)} failed with exit code {rc}; see {logfile}")
+    return time.perf_counter() - t0
+
+
+def snapshot_code(dest: Path) -> dict:
+    """Copy the plugin package and the trainers the arms need to ``dest`` (once; reused when resuming), so a run of
+    an hour is not broken, or silently changed, by edits to the checkout while it runs. Returns what was copied."""
+    if not (dest / "nnunet_dino").is_dir():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(REPO / "nnunet_dino", tmp / "nnunet_dino", ignore=ignore)
+        (tmp / "trainers").mkdir()
+        for name in ("NNUNET_DINO_TRAINERS", "nnUNetTrainerGuiDINO.py"):
+            shutil.copy2(REPO / "trainers" / name, tmp / "trainers" / name)
+        shutil.copytree(BENCH_TRAINERS, tmp / "bench_trainers", ignore=ignore)
+        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--short"], capture_output=True, text=True).stdout
+        (tmp / "SNAPSHOT.json").write_text(json.dumps({
+            "source": str(REPO), "git_head": git.strip(), "git_status_short": dirty.splitlines(),
+            "taken_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2))
+        # The snapshot must import (the checkout may be mid-edit): fail now, not an hour into the run.
+        subprocess.run([sys.executable, "-c", "import nnunet_dino.training, nnunet_dino.backbone"],
+                       env=dict(os.environ, PYTHONPATH=str(tmp)), check=True)
+        tmp.rename(dest)
+    return json.loads((dest / "SNAPSHOT.json").read_text())
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, results: dict, own_arms: list[str]) -> None:
+    """Merge into the file as it is now: this instance's arms from ``results``, every other arm from the file, so
+    instances running different --arms at the same time never overwrite each other."""
+    current = load_results(path)
+    arms = current.get("arms", {})
+    arms.update({a: results["arms"][a] for a in own_arms if a in results["arms"]})
+    for a, rec in arms.items():
+        if a not in own_arms:
+            results["arms"][a] = rec
+    merged = dict(current, **{k: v for k, v in results.items() if k != "arms"})
+    merged["arms"] = arms
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=2))
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", type=Path, default=Path("/work/shared/data/nnUNet_raw"),
+                    help="nnUNet_raw folder holding Dataset004_Hippocampus (imagesTs/labelsTs included)")
+    ap.add_argument("--work", type=Path, required=True, help="nnUNet_preprocessed/_results and predictions go here")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--niceness", type=int, default=15)
+    ap.add_argument("--out", type=Path, help="also write the results JSON here")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="run the checkout's code directly instead of a copy taken at the first run")
+    args = ap.parse_args()
+
+    weights = os.environ.get("nnUNet_dino_weights", "random")
+    bench_trainers, extra = BENCH_TRAINERS, {}
+    snapshot = None
+    if not args.no_snapshot:
+        snap_dir = args.work / "code_snapshot"
+        snapshot = snapshot_code(snap_dir)
+        bench_trainers = snap_dir / "bench_trainers"
+        # PYTHONPATH precedes site-packages: the start-up hook then registers the snapshot's trainers folder.
+        extra["PYTHONPATH"] = os.pathsep.join([str(snap_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+            os.pathsep) if p])
+    ext = os.pathsep.join([str(bench_trainers)] + [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep)
+                                                   if p])
+    env = nnunet_environment(args.raw, args.work, nnUNet_extTrainer=ext, nnUNet_dino_weights=weights, **extra)
+    nice = ["nice", "-n", str(args.niceness)] if args.niceness else []
+    logs = args.work / "logs"
+    results_file = args.work / "accuracy_results.json"
+    results = load_results(results_file)
+    results.update(dataset=DATASET, configuration="2d", fold=0, device=args.device, dino_weights=weights,
+                   dino_weights_label="random DINO weights" if weights == "random" else weights)
+    results.setdefault("arms", {})
+    results["code_snapshot"] = snapshot
+
+    pre = args.work / "nnUNet_preprocessed" / DATASET
+    if not (pre / "nnUNetPlans_2d").is_dir():
+        log("planning and preprocessing (2d)")
+        streamed(nice + [command("nnUNetv2_plan_and_preprocess"), "-d", "4", "-c", "2d", "-np", "1"], env,
+                 logs / "plan_and_preprocess.log")
+
+    for arm in args.arms:
+        trainer = ARMS[arm]
+        rec = results["arms"].setdefault(arm, {"trainer": trainer})
+        fold_dir = args.work / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+        if not (fold_dir / "checkpoint_final.pth").exists():
+            resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").exists() else []
+            log(f"{arm}: training {trainer}{' (resuming)' if resume else ''}; log {logs / f'train_{arm}.log'}")
+            train_env = dict(env, nnUNet_n_proc_DA="0") if args.device == "cpu" else env
+            seconds = streamed(nice + [command("nnUNetv2_train"), "4", "2d", "0", "-tr", trainer, "-device",
+                                       args.device, *resume], train_env, logs / f"train_{arm}.log")
+            rec["train_wall_s"] = rec.get("train_wall_s", 0.0) + seconds
+            save_results(results_file, results, args.arms)
+        log(f"{arm}: trained")
+        pred = args.work / "predictions" / arm
+        n_test = len(list((args.raw / DATASET / "imagesTs").glob("*.nii.gz")))
+        if not (pred / "summary.json").exists() or len(list(pred.glob("*.nii.gz"))) != n_test:
+            log(f"{arm}: predicting {n_test} test cases")
+            seconds = streamed(nice + [command("nnUNetv2_predict"), "-i", str(args.raw / DATASET / "imagesTs"), "-o",
+                                       str(pred), "-d", "4", "-c", "2d", "-tr", trainer, "-f", "0", "-device",
+                                       args.device, "-npp", "1", "-nps", "1"], env, logs / f"predict_{arm}.log")
+            rec["predict_wall_s"] = seconds
+            rec["predict_cases"] = n_test
+            summary = evaluate(args.raw / DATASET / "labelsTs", pred, env)
+        else:
+            summary = json.loads((pred / "summary.json").read_text())
+        rec["dice"] = {LABELS.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
+        rec["dice"]["mean"] = summary["foreground_mean"]["Dice"]
+        rec["n_cases"] = len(summary["metric_per_case"])
+        rec["summary_json"] = str(pred / "summary.json")
+        plans = json.loads((fold_dir.parent / "plans.json").read_text())
+        rec["batch_size"] = plans["configurations"]["2d"]["batch_size"]
+        rec["patch_size"] = plans["configurations"]["2d"]["patch_size"]
+        save_results(results_file, results, args.arms)
+        log(f"{arm}: Dice {rec['dice']}")
+
+    results["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    save_results(results_file, results, args.arms)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nAccuracy, {DATASET} 2d fold 0, test set via nnUNetv2_evaluate_folder "
+          f"({results['dino_weights_label']}):\n")
+    print("| arm | trainer | Dice anterior | Dice posterior | mean Dice | train wall (s) | predict wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, rec in results["arms"].items():
+        if "dice" in rec:
+            d = rec["dice"]
+            print(f"| {arm} | {rec['trainer']} | {d['anterior']:.4f} | {d['posterior']:.4f} | {d['mean']:.4f} | "
+                  f"{rec.get('train_wall_s', float('nan')):.0f} | {rec.get('predict_wall_s', float('nan')):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
