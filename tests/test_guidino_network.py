@@ -192,7 +192,7 @@ def test_ignored_pixels_do_not_change_the_auxiliary_terms(plans):
     target = torch.zeros(1, 1, 56, 40)
     target[:, :, 10:30, 5:15] = 1
     target[:, :, 30:45, 5:15] = 2
-    target[:, :, :, 20:] = 3  # right half ignored: token columns 2 and 3 lie entirely inside it
+    target[:, :, :, 20:] = 3  # right half ignored: token column 3 (x >= 30 of 40) lies entirely inside it
     loss_fn = _loss(net, 3, False, ignore_label=3)
     with torch.no_grad():
         loss_fn(out, target)
@@ -200,7 +200,7 @@ def test_ignored_pixels_do_not_change_the_auxiliary_terms(plans):
         changed_out = out.clone()
         changed_out[..., 20:] = torch.randn_like(changed_out[..., 20:]) * 10
         changed_scores = scores.clone()
-        changed_scores[..., 2:] = torch.randn_like(changed_scores[..., 2:]) * 10
+        changed_scores[..., 3:] = torch.randn_like(changed_scores[..., 3:]) * 10
         net.last_guide = (changed_scores, torch.sigmoid(changed_scores))
         loss_fn(changed_out, target)
     assert before["hinge_loss"] > 0 and before["guide_loss"] > 0
