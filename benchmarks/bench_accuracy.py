@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--niceness", type=int, default=15)
+    ap.add_argument("--disable-tta", action="store_true",
+                    help="predict without test-time mirroring (nnUNetv2_predict --disable_tta), for every arm")
     ap.add_argument("--out", type=Path, help="also write the results JSON here")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run the checkout's code directly instead of a copy taken at the first run")
@@ -130,6 +132,7 @@ def main() -> None:
     results_file = args.work / "accuracy_results.json"
     results = load_results(results_file)
     results.update(dataset=DATASET, configuration="2d", fold=0, device=args.device, dino_weights=weights,
+                   test_time_mirroring=not args.disable_tta,
                    dino_weights_label="random DINO weights" if weights == "random" else weights)
     results.setdefault("arms", {})
     results["code_snapshot"] = snapshot
@@ -159,7 +162,9 @@ def main() -> None:
             log(f"{arm}: predicting {n_test} test cases")
             seconds = streamed(nice + [command("nnUNetv2_predict"), "-i", str(args.raw / DATASET / "imagesTs"), "-o",
                                        str(pred), "-d", "4", "-c", "2d", "-tr", trainer, "-f", "0", "-device",
-                                       args.device, "-npp", "1", "-nps", "1"], env, logs / f"predict_{arm}.log")
+                                       args.device, "-npp", "1", "-nps", "1",
+                                       *(["--disable_tta"] if args.disable_tta else [])], env,
+                               logs / f"predict_{arm}.log")
             rec["predict_wall_s"] = seconds
             rec["predict_cases"] = n_test
             summary = evaluate(args.raw / DATASET / "labelsTs", pred, env)
@@ -170,7 +175,7 @@ def main() -> None:
         rec["n_cases"] = len(summary["metric_per_case"])
         rec["summary_json"] = str(pred / "summary.json")
         plans = json.loads((fold_dir.parent / "plans.json").read_text())
-        rec["batch_size"] = plans["configurations"]["2d"]["batch_size"]
+        rec["plans_batch_size"] = plans["configurations"]["2d"]["batch_size"]  # the arms' trainers set their own
         rec["patch_size"] = plans["configurations"]["2d"]["patch_size"]
         save_results(results_file, results, args.arms)
         log(f"{arm}: Dice {rec['dice']}")

@@ -21,7 +21,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dino.training import GuiDINOTrainer
 
-BENCH_EPOCHS = int(os.environ.get("nnUNet_bench_epochs", 30))
+BENCH_EPOCHS = int(os.environ.get("nnUNet_bench_epochs", 12))
 BENCH_ITERATIONS = int(os.environ.get("nnUNet_bench_iterations", 40))
 BENCH_VAL_ITERATIONS = int(os.environ.get("nnUNet_bench_val_iterations", 4))
 BENCH_BATCH = int(os.environ.get("nnUNet_bench_batch", 8))
