@@ -10,6 +10,17 @@ from nnunet_dino.training import SegDINOTrainer, SegDINOv2Trainer
 
 
 # ==================================================================================================== SegDINO (v1)
+class _CPUSmokeSchedule:
+    """Seconds of training on 2 CPU cores: exercises the pipeline (tests). Far too short to learn. A 2-token minimum
+    (Hippocampus' 56x40 patch is only padded, to 4x3 tokens) and no mirroring (nor test-time mirroring: 4x cheaper
+    validation and prediction) keep it cheap."""
+    epochs = 2
+    iterations_per_epoch = 4
+    val_iterations_per_epoch = 1
+    max_batch_size = 4
+    mirroring = False  # DinoTrainerBase: no mirror augmentation, no test-time mirroring
+
+
 class nnUNetTrainerSegDINO(SegDINOTrainer):
     """The paper: frozen DINOv3 ViT-S/16, taps [2, 5, 8, 11], head at H/16 with a x16 bilinear upsample."""
 
@@ -35,15 +46,7 @@ class nnUNetTrainerSegDINO_250epochs(nnUNetTrainerSegDINO):
     epochs = 250
 
 
-class nnUNetTrainerSegDINO_CPUSmoke(nnUNetTrainerSegDINO):
-    """Seconds of training on 2 CPU cores: exercises the pipeline (tests). Far too short to learn. A 2-token minimum
-    (Hippocampus' 56x40 patch is only padded, to 4x3 tokens) and no mirroring (nor test-time mirroring: 4x cheaper
-    validation and prediction) keep it cheap."""
-    epochs = 2
-    iterations_per_epoch = 4
-    val_iterations_per_epoch = 1
-    max_batch_size = 4
-    mirroring = False  # DinoTrainerBase: no mirror augmentation, no test-time mirroring
+class nnUNetTrainerSegDINO_CPUSmoke(_CPUSmokeSchedule, nnUNetTrainerSegDINO):
     segdino = replace(SegDINOTrainer.segdino, min_short_side_tokens=2)
 
 
@@ -97,15 +100,7 @@ class nnUNetTrainerSegDINOv2_250epochs(nnUNetTrainerSegDINOv2):
     epochs = 250
 
 
-class nnUNetTrainerSegDINOv2_CPUSmoke(nnUNetTrainerSegDINOv2):
-    """Seconds of training on 2 CPU cores: exercises the pipeline (tests). Far too short to learn. A 2-token minimum
-    (Hippocampus' 56x40 patch is only padded, to 4x3 tokens) and no mirroring (nor test-time mirroring: 4x cheaper
-    validation and prediction) keep it cheap."""
-    epochs = 2
-    iterations_per_epoch = 4
-    val_iterations_per_epoch = 1
-    max_batch_size = 4
-    mirroring = False  # DinoTrainerBase: no mirror augmentation, no test-time mirroring
+class nnUNetTrainerSegDINOv2_CPUSmoke(_CPUSmokeSchedule, nnUNetTrainerSegDINOv2):
     segdino_v2 = replace(SegDINOv2Trainer.segdino_v2, min_short_side_tokens=2)
 
 
