@@ -2,13 +2,16 @@
 
     python benchmarks/bench_accuracy.py --work /tmp/bench_work            # both arms (resumes / skips finished steps)
     python benchmarks/bench_accuracy.py --work /tmp/bench_work --arms stock
+    python benchmarks/bench_accuracy.py --work /tmp/other -d 992 --raw /path/to/nnUNet_raw   # any dataset with
+                                                                                            # imagesTs + labelsTs
 
-Steps, each a stock nnU-Net command in a subprocess (as a user would run it):
-  1. nnUNetv2_plan_and_preprocess -d 4 -c 2d            (skipped if the preprocessed 2d data exist)
-  2. per arm: nnUNetv2_train 4 2d 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
+Steps, each a stock nnU-Net command in a subprocess (as a user would run it); DATASET = -d (default 4,
+Dataset004_Hippocampus):
+  1. nnUNetv2_plan_and_preprocess -d DATASET -c 2d            (skipped if the preprocessed 2d data exist)
+  2. per arm: nnUNetv2_train DATASET 2d 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
      identical epochs x iterations x batch for both arms; resumed with --c from checkpoint_latest.pth; skipped if
      checkpoint_final.pth exists)
-  3. nnUNetv2_predict on imagesTs (52 cases) with fold 0's final checkpoint (skipped if already complete)
+  3. nnUNetv2_predict on imagesTs with fold 0's final checkpoint (skipped if already complete)
   4. nnUNetv2_evaluate_folder against labelsTs -> per-class Dice
 Training and prediction run under ``nice -n <niceness>`` so the machine's other work keeps priority.
 
@@ -33,9 +36,27 @@ sys.path.insert(0, str(REPO))
 from nnunet_dino.cli.stock_pipeline import command, evaluate, nnunet_environment  # noqa: E402
 
 BENCH_TRAINERS = Path(__file__).resolve().parent / "trainers"
-DATASET = "Dataset004_Hippocampus"
 ARMS = {"stock": "nnUNetTrainerBenchStock", "guidino": "nnUNetTrainerBenchGuiDINO"}
-LABELS = {"1": "anterior", "2": "posterior"}
+
+
+def dataset_folder(raw: Path, dataset: str) -> Path:
+    """The raw folder of ``dataset`` (an id like 4 / 004 or a full name like Dataset004_Hippocampus)."""
+    if dataset.isdigit():
+        found = sorted(raw.glob(f"Dataset{int(dataset):03d}_*"))
+        if len(found) != 1:
+            raise SystemExit(f"Dataset id {dataset}: expected one Dataset{int(dataset):03d}_* folder in {raw}, "
+                             f"found {[f.name for f in found]}.")
+        return found[0]
+    folder = raw / dataset
+    if not folder.is_dir():
+        raise SystemExit(f"No dataset folder {folder}.")
+    return folder
+
+
+def label_names(raw_dataset: Path) -> dict[str, str]:
+    """Foreground label value (as nnU-Net's summary.json keys it) -> name from dataset.json."""
+    labels = json.loads((raw_dataset / "dataset.json").read_text())["labels"]
+    return {str(v): k for k, v in labels.items() if isinstance(v, int) and v != 0 and k != "ignore"}
 
 
 def log(msg: str) -> None:
@@ -101,8 +122,9 @@ def save_results(path: Path, results: dict, own_arms: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--raw", type=Path, default=Path("/work/shared/data/nnUNet_raw"),
-                    help="nnUNet_raw folder holding Dataset004_Hippocampus (imagesTs/labelsTs included)")
+    ap.add_argument("--raw", type=Path, default=Path(os.environ.get("nnUNet_raw", "/work/shared/data/nnUNet_raw")),
+                    help="nnUNet_raw folder holding the dataset, imagesTs and labelsTs included (default: $nnUNet_raw)")
+    ap.add_argument("-d", "--dataset", default="4", help="dataset id or name (default 4: Dataset004_Hippocampus)")
     ap.add_argument("--work", type=Path, required=True, help="nnUNet_preprocessed/_results and predictions go here")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -113,6 +135,13 @@ def main() -> None:
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run the checkout's code directly instead of a copy taken at the first run")
     args = ap.parse_args()
+    raw_dataset = dataset_folder(args.raw, args.dataset)
+    DATASET, dataset_id = raw_dataset.name, str(int(raw_dataset.name[7:10]))
+    labels = label_names(raw_dataset)
+    file_ending = json.loads((raw_dataset / "dataset.json").read_text())["file_ending"]
+    for sub in ("imagesTs", "labelsTs"):
+        if not (raw_dataset / sub).is_dir():
+            raise SystemExit(f"{raw_dataset / sub} is missing: this benchmark evaluates a held-out test set.")
 
     weights = os.environ.get("nnUNet_dino_weights", "random")
     bench_trainers, extra = BENCH_TRAINERS, {}
@@ -140,7 +169,7 @@ def main() -> None:
     pre = args.work / "nnUNet_preprocessed" / DATASET
     if not (pre / "nnUNetPlans_2d").is_dir():
         log("planning and preprocessing (2d)")
-        streamed(nice + [command("nnUNetv2_plan_and_preprocess"), "-d", "4", "-c", "2d", "-np", "1"], env,
+        streamed(nice + [command("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", "2d", "-np", "1"], env,
                  logs / "plan_and_preprocess.log")
 
     for arm in args.arms:
@@ -151,17 +180,17 @@ def main() -> None:
             resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").exists() else []
             log(f"{arm}: training {trainer}{' (resuming)' if resume else ''}; log {logs / f'train_{arm}.log'}")
             train_env = dict(env, nnUNet_n_proc_DA="0") if args.device == "cpu" else env
-            seconds = streamed(nice + [command("nnUNetv2_train"), "4", "2d", "0", "-tr", trainer, "-device",
+            seconds = streamed(nice + [command("nnUNetv2_train"), dataset_id, "2d", "0", "-tr", trainer, "-device",
                                        args.device, *resume], train_env, logs / f"train_{arm}.log")
             rec["train_wall_s"] = rec.get("train_wall_s", 0.0) + seconds
             save_results(results_file, results, args.arms)
         log(f"{arm}: trained")
         pred = args.work / "predictions" / arm
-        n_test = len(list((args.raw / DATASET / "imagesTs").glob("*.nii.gz")))
-        if not (pred / "summary.json").exists() or len(list(pred.glob("*.nii.gz"))) != n_test:
+        n_test = len(list((args.raw / DATASET / "imagesTs").glob(f"*_0000{file_ending}")))  # one file per case
+        if not (pred / "summary.json").exists() or len(list(pred.glob(f"*{file_ending}"))) != n_test:
             log(f"{arm}: predicting {n_test} test cases")
             seconds = streamed(nice + [command("nnUNetv2_predict"), "-i", str(args.raw / DATASET / "imagesTs"), "-o",
-                                       str(pred), "-d", "4", "-c", "2d", "-tr", trainer, "-f", "0", "-device",
+                                       str(pred), "-d", dataset_id, "-c", "2d", "-tr", trainer, "-f", "0", "-device",
                                        args.device, "-npp", "1", "-nps", "1",
                                        *(["--disable_tta"] if args.disable_tta else [])], env,
                                logs / f"predict_{arm}.log")
@@ -170,7 +199,7 @@ def main() -> None:
             summary = evaluate(args.raw / DATASET / "labelsTs", pred, env)
         else:
             summary = json.loads((pred / "summary.json").read_text())
-        rec["dice"] = {LABELS.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
+        rec["dice"] = {labels.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
         rec["dice"]["mean"] = summary["foreground_mean"]["Dice"]
         rec["n_cases"] = len(summary["metric_per_case"])
         rec["summary_json"] = str(pred / "summary.json")
@@ -187,12 +216,14 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
     print(f"\nAccuracy, {DATASET} 2d fold 0, test set via nnUNetv2_evaluate_folder "
           f"({results['dino_weights_label']}):\n")
-    print("| arm | trainer | Dice anterior | Dice posterior | mean Dice | train wall (s) | predict wall (s) |")
-    print("|---|---|---|---|---|---|---|")
+    names = list(labels.values())
+    print("| arm | trainer | " + " | ".join(f"Dice {n}" for n in names) + " | mean Dice | train wall (s) | "
+          "predict wall (s) |")
+    print("|---|---|" + "---|" * len(names) + "---|---|---|")
     for arm, rec in results["arms"].items():
         if "dice" in rec:
             d = rec["dice"]
-            print(f"| {arm} | {rec['trainer']} | {d['anterior']:.4f} | {d['posterior']:.4f} | {d['mean']:.4f} | "
+            print(f"| {arm} | {rec['trainer']} | " + " | ".join(f"{d[n]:.4f}" for n in names) + f" | {d['mean']:.4f} | "
                   f"{rec.get('train_wall_s', float('nan')):.0f} | {rec.get('predict_wall_s', float('nan')):.0f} |")
 
 

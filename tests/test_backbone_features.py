@@ -139,7 +139,7 @@ def test_pretraining_stats_follow_the_weights():
     a.set_pretraining("sat493m")
     mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in PIXEL_STATS["sat493m"])
     torch.testing.assert_close(a(x), (x - mean) / std)
-    a.set_pretraining("meddinov3_ct")  # MedDINOv3 saw nnU-Net-normalised CT: no further mapping
+    a.set_pretraining("meddinov3_ct")  # MedDINOv3 was pretrained on HU CT, never on [0, 1] images: no mapping
     assert torch.equal(a(x), x)
     with pytest.raises(ValueError, match="Unknown pretraining"):
         a.set_pretraining("imagenet21k")

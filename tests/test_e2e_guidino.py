@@ -54,6 +54,12 @@ def test_plugin_trainer_ran_and_logged_its_terms(hippo):
         for term in ("seg_loss", "guide_loss", "hinge_loss"):
             values = logged[f"{phase}_{term}"]
             assert len(values) == len(logged["train_losses"]) and all(np.isfinite(values))
+    for ablation in ("shuffled", "constant"):  # guide reliance: one finite value per epoch, in the log too
+        values = logged[f"val_guide_reliance_{ablation}"]
+        assert len(values) == len(logged["train_losses"]) and all(np.isfinite(values))
+    log_text = sorted(fold.glob("training_log_*.txt"))[0].read_text()  # the first training (a later test resumes)
+    assert log_text.count("guide reliance (pseudo Dice lost with the guide replaced)") == len(logged["train_losses"])
+    assert "Guide reliance at the last epoch" in log_text
     keys = ckpt["network_weights"].keys()
     assert any("lora_A" in k for k in keys) and any("tokenbook.prototypes" in k for k in keys)
 
@@ -114,10 +120,18 @@ def test_resume_restores_every_piece(hippo, monkeypatch):
     for k, v in ckpt["network_weights"].items():
         assert torch.equal(state[k], v), k
     restored = trainer.optimizer.state_dict()
-    assert [g["lr"] for g in restored["param_groups"]] == [g["lr"] for g in ckpt["optimizer_state"]["param_groups"]]
-    assert [g["name"] for g in restored["param_groups"]] == ["segmentation", "guidance", "lora"]
-    for idx, s in ckpt["optimizer_state"]["state"].items():
-        assert torch.equal(restored["state"][idx]["momentum_buffer"], s["momentum_buffer"])
+    assert restored["types"] == ["SGD", "AdamW"]  # nnU-Net's SGD for its U-Net, AdamW for guidance and LoRA
+    saved_children = ckpt["optimizer_state"]["optimizers"]
+    names = [[g["name"] for g in child["param_groups"]] for child in restored["optimizers"]]
+    assert names == [["segmentation"], ["guidance", "lora"]]
+    for child, saved in zip(restored["optimizers"], saved_children):
+        assert [g["lr"] for g in child["param_groups"]] == [g["lr"] for g in saved["param_groups"]]
+        assert saved["state"], "a trained optimizer has state"
+        for idx, s in saved["state"].items():
+            for key, value in s.items():  # SGD momentum buffers; AdamW step, exp_avg, exp_avg_sq
+                assert torch.equal(child["state"][idx][key], value), (idx, key)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [
+        g["lr"] for child in saved_children for g in child["param_groups"]]  # the scheduler sees the restored groups
     trainer.on_train_start()  # does not ask for DINO weights: they come from the checkpoint
     trainer.on_train_end()
 

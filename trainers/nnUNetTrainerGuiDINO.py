@@ -58,7 +58,11 @@ class nnUNetTrainerGuiDINO_frozen(nnUNetTrainerGuiDINO):
 
 
 class nnUNetTrainerGuiDINO_paper(nnUNetTrainerGuiDINO):
-    """The published formulation: mean-over-prototypes TokenBook, one guide, pure multiplication at the bottleneck."""
+    """Ablation: the published TokenBook and gating (mean over prototypes, mask 0.5 s + 0.5, one foreground guide,
+    pure multiplication at the bottleneck) inside this plugin's otherwise unchanged training. It is not upstream's
+    whole recipe: it keeps LoRA, the hinge loss (0.05), this plugin's optimiser groups, 16 prototypes (upstream:
+    (image/16)^2), a 256-d projection (upstream: token width) and area-averaged guide targets (upstream: nearest
+    downsampling). docs/guidino.md lists these; benchmarks/bench_guide_utility.py measures it (``tokens_paper``)."""
     guidino = replace(GuiDINOTrainer.guidino, tokenbook=TokenBookConfig(mode="paper"), gate_places=("bottleneck",),
                       gate_mode="multiplicative")
 

@@ -6,7 +6,7 @@ nnU-Net imports this folder's modules as top-level modules, hence the absolute i
 """
 from dataclasses import replace
 
-from nnunet_dino.backbone import LoraSettings
+from nnunet_dino.backbone import CTIntensity, LoraSettings
 from nnunet_dino.training import MedDINOv3Trainer
 
 
@@ -65,6 +65,13 @@ class nnUNetTrainerMedDINOv3_LoRAMLP(nnUNetTrainerMedDINOv3):
 class nnUNetTrainerMedDINOv3_frozen(nnUNetTrainerMedDINOv3):
     """Frozen ViT (deterministic features), only the decoder trains."""
     meddinov3 = replace(MedDINOv3Trainer.meddinov3, finetune="frozen")
+
+
+# ---- CT intensities
+class nnUNetTrainerMedDINOv3_nnunetCT(nnUNetTrainerMedDINOv3):
+    """CT channels reach the ViT as nnU-Net's z-score, as in upstream MedDINOv3's fine-tuning code (the default maps
+    them through HU into the weights' pretraining convention, docs/meddinov3.md)."""
+    meddinov3 = replace(MedDINOv3Trainer.meddinov3, ct_intensity=CTIntensity(mode="nnunet"))
 
 
 # ---- DINO sizes (weights: Meta's file of that size; MedDINOv3's CT weights exist for ViT-B only)

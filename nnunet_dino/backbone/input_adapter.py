@@ -3,11 +3,17 @@
 Channels: 1 channel is repeated to RGB; 3 channels are taken as RGB; any other count goes through a learnable
 1x1 projection to 3 channels initialised to the channel mean (so training starts from the grey-level view).
 
-Intensities: nnU-Net z-scores MRI/US channels and clips+z-scores CT. A z-scored channel already has the first two
-moments the pretrained ViT saw after its own normalisation ((p - mean) / std), so it passes unchanged; channels
-nnU-Net rescaled to [0, 1] (RGB PNGs) are normalised with the statistics of the weights' pretraining data
-(ImageNet for LVD, SAT statistics, none for MedDINOv3, whose convention is the nnU-Net-normalised channel).
-The affine is kept in buffers, so checkpoints carry it and prediction reproduces training exactly.
+Intensities:
+- z-scored (MRI/US): already has the first two moments the pretrained ViT saw after its own normalisation
+  ((p - mean) / std), so it passes unchanged;
+- rescaled to [0, 1] (RGB PNGs; 1 or 3 channels): normalised per RGB channel with the statistics of the weights'
+  pretraining data (ImageNet for LVD, SAT statistics; none for MedDINOv3, which never saw [0, 1] images). With other
+  channel counts they enter the projection as they are;
+- CT (clipped and z-scored by nnU-Net), per input channel before the projection: mapped back to Hounsfield units
+  with the plans' foreground intensity properties, then into the weights' convention (MedDINOv3: its HU clip and
+  z-score; natural-image weights: an HU window into [0, 1], then their statistics), see ct_intensity.py;
+  ``CTIntensity(mode="nnunet")`` passes nnU-Net's z-score unchanged instead.
+Every mapping is kept in buffers, so checkpoints carry it and prediction reproduces training exactly.
 
 Geometry: patches are upsampled (bilinear) so that the short side spans ``min_short_side_tokens`` tokens, then
 zero-padded (the mean in ViT space) at the bottom/right to a multiple of the patch size. Nothing is cropped; the
@@ -16,12 +22,13 @@ helpers below map token maps back onto the original patch grid.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .ct_intensity import CT_SCHEME, CTChannelMap, CTIntensity
 from .registry import PIXEL_STATS
 
 # nnU-Net normalisation schemes whose output lies in [0, 1] rather than being standardised.
@@ -30,7 +37,10 @@ UNIT_RANGE_SCHEMES = ("RGBTo0_1Normalization", "RescaleTo01Normalization")
 
 class DinoInputAdapter(nn.Module):
     def __init__(self, in_channels: int, patch_size: int, image_hw: Sequence[int], min_short_side_tokens: int = 16,
-                 normalization_schemes: Sequence[str] | None = None, pretraining: str = "lvd1689m"):
+                 normalization_schemes: Sequence[str] | None = None, pretraining: str = "lvd1689m",
+                 intensity_properties: Mapping | None = None, ct_intensity: CTIntensity = CTIntensity()):
+        """``intensity_properties``: the plans' foreground_intensity_properties_per_channel, needed for CT channels
+        unless ``ct_intensity.mode == "nnunet"``."""
         super().__init__()
         if len(image_hw) != 2:
             raise ValueError(f"DinoInputAdapter works on 2D patches; got patch size {tuple(image_hw)}. Use the 2d "
@@ -50,11 +60,17 @@ class DinoInputAdapter(nn.Module):
         schemes = list(normalization_schemes or ["ZScoreNormalization"] * in_channels)
         if len(schemes) != in_channels:
             raise ValueError(f"{len(schemes)} normalisation schemes for {in_channels} channels.")
+        self.ct_map = (CTChannelMap(schemes, intensity_properties, ct_intensity, self.channel_projection is not None)
+                       if ct_intensity.mode == "hu" and CT_SCHEME in schemes else None)
+        # What the RGB-space affine below sees: a mapped CT channel arrives in [0, 1] for natural-image weights.
+        mapped_ct = [self.ct_map is not None and s == CT_SCHEME for s in schemes]
         if in_channels == 1:
-            schemes = schemes * 3
+            schemes, mapped_ct = schemes * 3, mapped_ct * 3
         elif in_channels != 3:
-            schemes = ["ZScoreNormalization"] * 3  # the projection mixes channels; nnU-Net inputs are standardised
+            # The projection mixes channels; nnU-Net inputs are standardised and CT channels already in ViT space.
+            schemes, mapped_ct = ["ZScoreNormalization"] * 3, [False] * 3
         self._unit_range = [s in UNIT_RANGE_SCHEMES for s in schemes]
+        self._mapped_ct = mapped_ct
         self.register_buffer("vit_scale", torch.ones(1, 3, 1, 1))
         self.register_buffer("vit_shift", torch.zeros(1, 3, 1, 1))
         self.set_pretraining(pretraining)
@@ -64,10 +80,15 @@ class DinoInputAdapter(nn.Module):
         if pretraining not in PIXEL_STATS:
             raise ValueError(f"Unknown pretraining data {pretraining!r}; known: {list(PIXEL_STATS)}.")
         stats = PIXEL_STATS[pretraining]
+        unit_range = self._unit_range
+        if self.ct_map is not None:
+            self.ct_map.set_pretraining(pretraining)
+            ct_unit = self.ct_map.outputs_unit_range(pretraining)
+            unit_range = [u or (ct and ct_unit) for u, ct in zip(unit_range, self._mapped_ct)]
         scale, shift = torch.ones(3), torch.zeros(3)
         if stats is not None:
             mean, std = torch.tensor(stats[0]), torch.tensor(stats[1])
-            unit = torch.tensor(self._unit_range)
+            unit = torch.tensor(unit_range)
             scale = torch.where(unit, 1.0 / std, scale)
             shift = torch.where(unit, -mean / std, shift)
         self.vit_scale.copy_(scale.view(1, 3, 1, 1))
@@ -77,6 +98,8 @@ class DinoInputAdapter(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != self.image_hw:
             raise ValueError(f"Expected a (B, {self.in_channels}, {self.image_hw[0]}, {self.image_hw[1]}) patch, got "
                              f"{tuple(x.shape)}.")
+        if self.ct_map is not None:
+            x = self.ct_map(x)
         if self.in_channels == 1:
             x = x.expand(-1, 3, -1, -1)
         elif self.channel_projection is not None:

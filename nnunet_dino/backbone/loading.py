@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .formats import CanonicalWeights, to_canonical
 from .model import DinoBackbone, LoadReport
+from .random_init import init_random_dino_weights_
 from .registry import get_architecture
 from .weight_files import HOW_TO_GET_WEIGHTS, WeightFileError, find_meta_file, pretraining_of, read_weights
 
@@ -37,8 +38,9 @@ def resolve_weights_setting(explicit: str | os.PathLike | None, arch_name: str) 
 
 
 def warn_random_init(arch_name: str) -> None:
-    msg = (f"nnunet-dino: {arch_name} is RANDOMLY INITIALISED (explicitly requested). Its features are not those of a "
-           f"pretrained DINO model; label any result obtained this way accordingly.")
+    msg = (f"nnunet-dino: {arch_name} is RANDOMLY INITIALISED (explicitly requested; realistic-scale random weights, "
+           f"LayerScale ~1). Its features are not those of a pretrained DINO model; label any result obtained this "
+           f"way accordingly.")
     warnings.warn(msg, stacklevel=3)
     log.warning(msg)
 
@@ -69,14 +71,15 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
 
     - ``weights``: a file or Hugging Face folder; the architecture is read off it when ``name`` is None, and must
       match ``name`` otherwise. A folder of Meta-named files needs ``name``.
-    - ``random_init=True`` (with ``weights=None``): random weights, logged as such. Never implied."""
+    - ``random_init=True`` (with ``weights=None``): realistic-scale random weights (``init_random_dino_weights_``,
+      from the global torch RNG), logged as such. Never implied."""
     if weights is None:
         if not random_init:
             raise WeightFileError(f"load_backbone needs weights= (or random_init=True for tests). {HOW_TO_GET_WEIGHTS}")
         if name is None:
             raise ValueError("random_init=True needs an architecture name, e.g. load_backbone('dinov3_vits16', ...).")
         arch = get_architecture(name)
-        backbone = DinoBackbone(arch, drop_path_rate)
+        backbone = init_random_dino_weights_(DinoBackbone(arch, drop_path_rate))
         warn_random_init(name)
         backbone.load_report = LoadReport(name, "none", "none", arch.default_pretraining, random_init=True)
         return backbone

@@ -26,8 +26,8 @@ class LoadReport:
 
     def describe(self) -> str:
         if self.random_init:
-            return (f"{self.arch}: RANDOMLY INITIALISED DINO weights (explicitly requested). Results are NOT those "
-                    f"of a pretrained foundation model.")
+            return (f"{self.arch}: RANDOMLY INITIALISED DINO weights (explicitly requested; realistic-scale random "
+                    f"weights, LayerScale ~1). Results are NOT those of a pretrained foundation model.")
         return f"{self.arch}: pretrained weights ({self.pretraining}) from {self.source} [{self.layout} layout]"
 
 

@@ -6,17 +6,32 @@ weight-file inference, LoRA targets, trainer size variants) reads from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-# Pixel statistics of the pretraining data; the input adapter maps nnU-Net intensities into this space.
+# Pixel statistics of the pretraining data (images in [0, 1], then (p - mean) / std per RGB channel); the input
+# adapter maps nnU-Net intensities into this space.
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SAT_STATS = ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143))
 PIXEL_STATS = {
     "lvd1689m": IMAGENET_STATS,  # DINOv3 web images
     "lvd142m": IMAGENET_STATS,  # DINOv2
     "sat493m": SAT_STATS,  # DINOv3 satellite
-    # MedDINOv3 was pretrained on nnU-Net-normalised CT repeated to 3 channels: no further mapping.
+    # MedDINOv3 was pretrained on CT in Hounsfield units (HU_PRETRAINING below), not on [0, 1] images: channels
+    # nnU-Net rescaled to [0, 1] get no further mapping.
     "meddinov3_ct": None,
 }
+
+
+class HUConvention(NamedTuple):
+    """Weights pretrained on CT in Hounsfield units: HU clipped to ``clip``, then (hu - mean) / std."""
+    clip: tuple[float, float]
+    mean: float
+    std: float
+
+
+# MedDINOv3's pretraining data pipeline: HU clipped to [-1000, 1000], z-scored with its CT corpus' mean and std,
+# repeated to 3 channels. (Not nnU-Net's per-dataset CT normalisation, which only its fine-tuning code used.)
+HU_PRETRAINING = {"meddinov3_ct": HUConvention((-1000.0, 1000.0), 65.11, 178.02)}
 
 
 @dataclass(frozen=True)

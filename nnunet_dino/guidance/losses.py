@@ -50,18 +50,28 @@ def boundary_band(mask: torch.Tensor) -> torch.Tensor:
 
 def boundary_hinge_loss(logits: torch.Tensor, binary_targets: torch.Tensor, valid: torch.Tensor, has_regions: bool,
                         margin: float = 1.0) -> torch.Tensor:
-    """relu(m - t * z) averaged over the boundary band of each foreground class/region, t = 2y - 1.
+    """relu(m - s) averaged over the boundary band B_c = dilate(y_c) - erode(y_c) of each foreground class/region
+    c, where s is a signed margin that is >= m exactly when the pixel is classified correctly with margin m.
 
-    Regions (sigmoid outputs): z is the region's logit. Classes (softmax outputs): z is the class margin
-    z_c - max_{k != c} z_k, the quantity whose sign decides the argmax; background is not a boundary class."""
+    Regions (sigmoid outputs, t = 2 y_c - 1): s = t * z_c, z_c the region's logit.
+    Classes (softmax outputs; background is not a boundary class), with y the pixel's true class:
+    - inside c (y = c): s = z_c - max_{k != c} z_k, the quantity whose sign decides the argmax;
+    - outside c (y != c, c's outer band): s = z_y - z_c, the true class against c. Not z_c's distance to the
+      largest other logit, which could be a third, wrong class: descent would raise that one, never the true class.
+    Either way descent raises the true class's logit and lowers a wrong one, and the binary case is the hinge on
+    z_1 - z_0. ``binary_targets`` is the one-hot label map for classes; ``valid`` (B, 1, H, W) is 0 on ignored
+    pixels, which therefore get no gradient."""
     logits = logits.float()
     if has_regions:
-        z, y = logits, binary_targets
+        y = binary_targets
+        signed_margin = (2 * y - 1) * logits
     else:
         k = logits.shape[1]
         eye = torch.eye(k, device=logits.device, dtype=torch.bool).view(1, k, k, 1, 1)
         others = logits[:, None].expand(-1, k, -1, -1, -1).masked_fill(eye, float("-inf")).amax(dim=2)
-        z, y = (logits - others)[:, 1:], binary_targets[:, 1:]
+        true_logit = (binary_targets * logits).sum(dim=1, keepdim=True)  # z_y
+        y, z = binary_targets[:, 1:], logits[:, 1:]
+        signed_margin = torch.where(y > 0, z - others[:, 1:], true_logit - z)
     band = boundary_band(y) * valid
-    hinge = F.relu(margin - (2 * y - 1) * z)
+    hinge = F.relu(margin - signed_margin)
     return (hinge * band).sum() / band.sum().clamp_min(1.0)

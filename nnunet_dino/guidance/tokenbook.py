@@ -4,13 +4,14 @@ Two formulations:
 - ``learned`` (default): per guide k (one per nnU-Net output channel: classes incl. background, or regions) a
   set of M prototypes; cosine similarities are aggregated by a temperature-scaled soft maximum (a token matches a
   class when it is close to *any* of its prototypes) and mapped to a logit by a learnable scale and offset. The
-  mask is sigmoid(logit). Learns multi-modal classes, starts with a usable dynamic range.
+  mask is sigmoid(logit). Learns multi-modal classes; starts unsaturated (guides near 0.5, see ``forward``).
 - ``paper`` (ablation of the published GuiDINO): one guide, N prototypes, mask = 0.5 * mean_j cos(t, p_j) + 0.5.
   The mean of cosines equals the cosine with the mean prototype, so the N prototypes collapse into one direction
   and the mask starts at ~0.5 with a tiny range (see docs/guidino.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,9 @@ class TokenBook(nn.Module):
             score = s.mean(dim=2)
             return score, 0.5 * score + 0.5
         tau = self.config.temperature
-        aggregated = tau * torch.logsumexp(s / tau, dim=2)  # smooth max over the guide's prototypes
+        # Smooth max over the guide's prototypes, centred: tau * logsumexp over M near-orthogonal prototypes is
+        # ~tau * ln M (0.28 for 16 at tau 0.1) before any training, which times logit_scale started every guide
+        # saturated at ~0.95. Subtracting tau * ln M starts it near 0.5 with the full sigmoid range ahead.
+        aggregated = tau * (torch.logsumexp(s / tau, dim=2) - math.log(s.shape[2]))
         logits = self.logit_scale * aggregated + self.logit_bias.view(1, -1, 1, 1)
         return logits, torch.sigmoid(logits)

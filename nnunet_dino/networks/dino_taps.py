@@ -10,13 +10,14 @@ The encoder SegDINO v1 and v2 share. The backbone is tuned in one of three ways:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..backbone import DinoArchitecture, DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
+from ..backbone import (CTIntensity, DinoArchitecture, DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora,
+                        get_architecture)
 
 TUNING_MODES = ("frozen", "lora", "full")
 
@@ -37,6 +38,7 @@ class DinoEncoderConfig:
     tuning: str = "frozen"  # one of TUNING_MODES
     lora: LoraSettings = field(default_factory=LoraSettings)  # used when tuning == "lora"
     min_short_side_tokens: int = 16
+    ct_intensity: CTIntensity = field(default_factory=CTIntensity)  # CT channels: via HU into the weights' convention
 
     def __post_init__(self):
         if self.tuning not in TUNING_MODES:
@@ -57,7 +59,7 @@ class DinoEncoderConfig:
 
 class DinoTapEncoder(nn.Module):
     def __init__(self, config: DinoEncoderConfig, in_channels: int, patch_hw: Sequence[int],
-                 normalization_schemes: Sequence[str] | None):
+                 normalization_schemes: Sequence[str] | None, intensity_properties: Mapping | None = None):
         super().__init__()
         arch = get_architecture(config.dino_arch)
         self.layers = config.layers(arch)
@@ -68,7 +70,8 @@ class DinoTapEncoder(nn.Module):
         elif config.tuning == "lora":
             apply_lora(self.backbone, config.lora)
         self.adapter = DinoInputAdapter(in_channels, arch.patch_size, patch_hw, config.min_short_side_tokens,
-                                        normalization_schemes, arch.default_pretraining)
+                                        normalization_schemes, arch.default_pretraining, intensity_properties,
+                                        config.ct_intensity)
         if config.tuning == "frozen" and self.adapter.channel_projection is not None:
             # Its gradient would have to flow through the whole ViT, which a frozen forward never records: it
             # stays at its initialisation (the channel mean). The LoRA and full variants train it.

@@ -6,13 +6,13 @@ segmentation network stays exactly the one the plans describe and nothing of its
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..backbone import DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
+from ..backbone import CTIntensity, DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
 from ..guidance import DinoGuidance, GuideGate, TokenBook, TokenBookConfig
 
 GATE_PLACES = ("input", "encoder", "bottleneck", "decoder")
@@ -25,6 +25,7 @@ class GuiDINOConfig:
     dino_layer: int = -1  # GuiDINO uses the last block's tokens
     lora: LoraSettings | None = field(default_factory=LoraSettings)  # None: frozen backbone
     min_short_side_tokens: int = 16
+    ct_intensity: CTIntensity = field(default_factory=CTIntensity)  # CT channels: via HU into the weights' convention
     tokenbook: TokenBookConfig = field(default_factory=TokenBookConfig)
     gate_places: tuple[str, ...] = ("encoder", "bottleneck")
     gate_mode: str = "residual"
@@ -33,6 +34,11 @@ class GuiDINOConfig:
         bad = [p for p in self.gate_places if p not in GATE_PLACES]
         if bad or not self.gate_places:
             raise ValueError(f"gate_places must be a non-empty subset of {GATE_PLACES}, got {self.gate_places}.")
+        if self.gate_mode == "multiplicative" and self.tokenbook.mode == "learned":
+            # f * mean_k(g_k) over complementary per-class guides is ~0.5 everywhere: a gate without information.
+            raise ValueError("gate_mode='multiplicative' multiplies by the mean of the guides; with the learned "
+                             "TokenBook's per-class guides (which sum to ~1) that is ~0.5 everywhere and carries no "
+                             "information. Use gate_mode='residual', or the single-guide TokenBook mode='paper'.")
         get_architecture(self.dino_arch)
 
 
@@ -88,21 +94,27 @@ class GuidedUNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         scores, masks = self.guidance(x)
+        out = self.forward_with_guide(x, masks)
+        self.last_guide = (scores, masks)  # read by the trainer's guide loss and by the overlay tool
+        return out
+
+    def forward_with_guide(self, x: torch.Tensor, masks: torch.Tensor):
+        """The gated U-Net on ``x`` with given guide masks (B, K, h_tokens, w_tokens) instead of the ones DINO
+        computes from ``x``: how the guide-reliance metric asks what the prediction would be without DINO's
+        guide (shuffled across the batch, or constant)."""
         self._masks = masks
         try:
             if "input" in self.gates:
                 x = self.gates["input"](x, self._masks_for(x))
-            out = self.unet(x)
+            return self.unet(x)
         finally:
             self._masks = None
-        self.last_guide = (scores, masks)  # read by the trainer's guide loss and by the overlay tool
-        return out
 
 
-def build_guided_unet(unet: nn.Module, config: GuiDINOConfig, num_input_channels: int, num_outputs: int,
-                      patch_size: Sequence[int], normalization_schemes: Sequence[str] | None) -> GuidedUNet:
-    """Deterministic structure (the predictor rebuilds it, then loads the checkpoint strictly). Pretrained DINO
-    weights are loaded by the trainer at training start, never here."""
+def build_guidance(config: GuiDINOConfig, num_input_channels: int, num_outputs: int, patch_size: Sequence[int],
+                   normalization_schemes: Sequence[str] | None,
+                   intensity_properties: Mapping | None = None) -> DinoGuidance:
+    """The guidance branch of ``config``: ViT (LoRA-wrapped or frozen), input adapter and TokenBook."""
     arch = get_architecture(config.dino_arch)
     backbone = DinoBackbone(arch)
     if config.lora is not None:
@@ -110,7 +122,17 @@ def build_guided_unet(unet: nn.Module, config: GuiDINOConfig, num_input_channels
     else:
         backbone.freeze()
     adapter = DinoInputAdapter(num_input_channels, arch.patch_size, patch_size, config.min_short_side_tokens,
-                               normalization_schemes, arch.default_pretraining)
+                               normalization_schemes, arch.default_pretraining, intensity_properties,
+                               config.ct_intensity)
     tokenbook = TokenBook(arch.embed_dim, num_outputs, config.tokenbook)
-    guidance = DinoGuidance(backbone, adapter, tokenbook, config.dino_layer)
+    return DinoGuidance(backbone, adapter, tokenbook, config.dino_layer)
+
+
+def build_guided_unet(unet: nn.Module, config: GuiDINOConfig, num_input_channels: int, num_outputs: int,
+                      patch_size: Sequence[int], normalization_schemes: Sequence[str] | None,
+                      intensity_properties: Mapping | None = None) -> GuidedUNet:
+    """Deterministic structure (the predictor rebuilds it, then loads the checkpoint strictly). Pretrained DINO
+    weights are loaded by the trainer at training start, never here."""
+    guidance = build_guidance(config, num_input_channels, num_outputs, patch_size, normalization_schemes,
+                              intensity_properties)
     return GuidedUNet(unet, guidance, config.gate_places, config.gate_mode, num_input_channels)

@@ -12,14 +12,14 @@ unchanged; the flag is recorded and has no effect.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbone import DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
+from ..backbone import CTIntensity, DinoBackbone, DinoInputAdapter, LoraSettings, apply_lora, get_architecture
 
 FINETUNE_MODES = ("full", "lora", "frozen")
 
@@ -34,6 +34,8 @@ class MedDINOv3Config:
     lora: LoraSettings = field(default_factory=LoraSettings)  # used when finetune == "lora"
     decoder_stages: int = 4  # x2 each: 4 stages take a /16 token grid back to full resolution
     min_short_side_tokens: int = 16  # small patches are upsampled until their short side spans this many tokens
+    # CT channels: via HU into the weights' convention ("hu"), or nnU-Net's z-score as upstream fine-tuning ("nnunet")
+    ct_intensity: CTIntensity = field(default_factory=CTIntensity)
 
     def __post_init__(self):
         if self.finetune not in FINETUNE_MODES:
@@ -127,7 +129,8 @@ def set_uniform_drop_path(backbone: DinoBackbone, rate: float) -> None:
 
 
 def build_meddinov3(config: MedDINOv3Config, num_input_channels: int, num_outputs: int, patch_size: Sequence[int],
-                    normalization_schemes: Sequence[str] | None) -> MedDINOv3Network:
+                    normalization_schemes: Sequence[str] | None,
+                    intensity_properties: Mapping | None = None) -> MedDINOv3Network:
     """Deterministic structure (the predictor rebuilds it, then loads the checkpoint strictly). Pretrained DINO
     weights are loaded by the trainer at training start, never here."""
     arch = get_architecture(config.dino_arch)
@@ -138,7 +141,8 @@ def build_meddinov3(config: MedDINOv3Config, num_input_channels: int, num_output
     elif config.finetune == "frozen":
         backbone.freeze()
     adapter = DinoInputAdapter(num_input_channels, arch.patch_size, patch_size, config.min_short_side_tokens,
-                               normalization_schemes, arch.default_pretraining)
+                               normalization_schemes, arch.default_pretraining, intensity_properties,
+                               config.ct_intensity)
     layers = config.resolved_layers()
     decoder = TransposedConvDecoder(len(layers) * arch.embed_dim, num_outputs, config.decoder_stages)
     return MedDINOv3Network(backbone, adapter, layers, decoder)

@@ -12,7 +12,7 @@ exactly the input patch size even when the input adapter enlarged or padded the 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,9 +95,9 @@ class SegDINO(nn.Module):
 
 
 def build_segdino(config: SegDINOConfig, num_input_channels: int, num_outputs: int, patch_size: Sequence[int],
-                  normalization_schemes: Sequence[str] | None) -> SegDINO:
+                  normalization_schemes: Sequence[str] | None, intensity_properties: Mapping | None = None) -> SegDINO:
     """Deterministic structure (nnUNetv2_predict rebuilds it and loads the checkpoint strictly). Pretrained DINO
     weights are loaded by the trainer at training start, never here."""
-    encoder = DinoTapEncoder(config, num_input_channels, patch_size, normalization_schemes)
+    encoder = DinoTapEncoder(config, num_input_channels, patch_size, normalization_schemes, intensity_properties)
     head = SegDINOHead(encoder.embed_dim, num_outputs, config.level_widths, config.fused_width, config.head_stride)
     return SegDINO(encoder, head)

@@ -19,7 +19,7 @@ loads the trained checkpoint strictly.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,11 +154,12 @@ class SegDINOv2(nn.Module):
 def build_segdino_v2(config: SegDINOv2Config, num_input_channels: int, num_outputs: int, patch_size: Sequence[int],
                      normalization_schemes: Sequence[str] | None,
                      pool_op_kernel_sizes: Sequence[Sequence[int]] | None = None,
-                     enable_deep_supervision: bool = False) -> SegDINOv2:
+                     enable_deep_supervision: bool = False,
+                     intensity_properties: Mapping | None = None) -> SegDINOv2:
     """Deterministic structure (nnUNetv2_predict rebuilds it and loads the checkpoint strictly). With
     ``config.deep_supervision`` the plans' ``pool_op_kernel_sizes`` fix the auxiliary outputs; the runtime switch
     ``enable_deep_supervision`` only chooses whether they are returned."""
-    encoder = DinoTapEncoder(config, num_input_channels, patch_size, normalization_schemes)
+    encoder = DinoTapEncoder(config, num_input_channels, patch_size, normalization_schemes, intensity_properties)
     shapes = None
     if config.deep_supervision:
         if pool_op_kernel_sizes is None:

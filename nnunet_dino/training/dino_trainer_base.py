@@ -18,8 +18,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
-from ..backbone import (WEIGHTS_ENV_VAR, DinoBackbone, LoadReport, load_weights_into, resolve_weights_setting,
-                        warn_random_init)
+from ..backbone import (WEIGHTS_ENV_VAR, DinoBackbone, LoadReport, init_random_dino_weights_, load_weights_into,
+                        resolve_weights_setting, warn_random_init)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +83,8 @@ class DinoTrainerBase(nnUNetTrainer):
         for backbone in self.dino_backbones():
             path = resolve_weights_setting(self.dino_weights, backbone.arch.name)
             if path is None:
+                # timm's own init (LayerScale 1e-5) would leave near-identity blocks: attention and LoRA inert.
+                init_random_dino_weights_(backbone)
                 warn_random_init(backbone.arch.name)
                 report = LoadReport(backbone.arch.name, "none", "none", backbone.arch.default_pretraining, True)
                 self.print_to_log_file("#" * 80 + f"\nWARNING: {report.describe()}\n" + "#" * 80)

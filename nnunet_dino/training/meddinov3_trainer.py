@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import DinoBackbone, LoadReport
+from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.meddinov3 import MedDINOv3Config, build_meddinov3
 from .dino_trainer_base import DinoTrainerBase, unwrap
 from .schedules import GroupPolyLRScheduler
@@ -37,7 +37,8 @@ class MedDINOv3Trainer(DinoTrainerBase):
         # variant's configuration rebuilds exactly the trained structure. enable_deep_supervision is accepted for that
         # signature only: the network always has a single output (MedDINOv3 has no deep supervision).
         return build_meddinov3(cls.meddinov3, num_input_channels, num_output_channels,
-                               configuration_manager.patch_size, configuration_manager.normalization_schemes)
+                               configuration_manager.patch_size, configuration_manager.normalization_schemes,
+                               plans_intensity_properties(plans_manager))
 
     def initialize(self):
         if self.enable_deep_supervision:
@@ -49,8 +50,8 @@ class MedDINOv3Trainer(DinoTrainerBase):
         return [unwrap(self.network).backbone]
 
     def on_backbone_loaded(self, backbone: DinoBackbone, report: LoadReport) -> None:
-        # MedDINOv3 CT weights: identity (pretrained on the nnU-Net-normalised channel); LVD/SAT weights: their stats
-        # for channels nnU-Net rescaled to [0, 1].
+        # CT channels: via HU into MedDINOv3's HU clip + z-score, or an HU window into [0, 1] + the LVD/SAT stats;
+        # channels nnU-Net rescaled to [0, 1]: the LVD/SAT stats (none for MedDINOv3's CT weights).
         unwrap(self.network).adapter.set_pretraining(report.pretraining)
 
     def parameter_groups(self) -> list[dict]:

@@ -11,19 +11,22 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
 
 class ExtraTermsLogger(LocalLogger):
-    """Logs ``train_<term>`` and ``val_<term>`` for each extra loss term, one value per epoch like nnU-Net."""
+    """Logs ``train_<term>`` and ``val_<term>`` for each extra loss term, and ``val_<term>`` for each validation-only
+    term (guide reliance), one value per epoch like nnU-Net."""
 
-    def __init__(self, terms: tuple[str, ...], verbose: bool = False):
+    def __init__(self, terms: tuple[str, ...], verbose: bool = False, val_only_terms: tuple[str, ...] = ()):
         super().__init__(verbose)
         self.terms = terms
-        for term in terms:
-            self.my_fantastic_logging[f"train_{term}"] = []
-            self.my_fantastic_logging[f"val_{term}"] = []
+        self.val_only_terms = val_only_terms
+        for key in self._keys():
+            self.my_fantastic_logging[key] = []
+
+    def _keys(self) -> list[str]:
+        return [f"{p}_{t}" for t in self.terms for p in ("train", "val")] + [f"val_{t}" for t in self.val_only_terms]
 
     def load_checkpoint(self, checkpoint: dict):
-        for term in self.terms:  # a checkpoint from a run that logged fewer terms still resumes
-            checkpoint.setdefault(f"train_{term}", [])
-            checkpoint.setdefault(f"val_{term}", [])
+        for key in self._keys():  # a checkpoint from a run that logged fewer terms still resumes
+            checkpoint.setdefault(key, [])
         super().load_checkpoint(checkpoint)
 
     def plot_progress_png(self, output_folder):
@@ -33,7 +36,7 @@ class ExtraTermsLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        fig, axes = plt.subplots(4, 1, figsize=(16, 28))
+        fig, axes = plt.subplots(5 if self.val_only_terms else 4, 1, figsize=(16, 35 if self.val_only_terms else 28))
         ax = axes[0]
         ax.plot(x, log["train_losses"][: epoch + 1], "b-", label="loss_tr (total)", linewidth=3)
         ax.plot(x, log["val_losses"][: epoch + 1], "r-", label="loss_val (total)", linewidth=3)
@@ -60,6 +63,15 @@ class ExtraTermsLogger(LocalLogger):
         ax.plot(x, log["lrs"][: epoch + 1], "b-", label="learning rate (segmentation network)", linewidth=3)
         ax.set(xlabel="epoch", ylabel="learning rate")
         ax.legend(loc="upper right")
+        if self.val_only_terms:
+            ax = axes[4]
+            for i, term in enumerate(self.val_only_terms):
+                values = log[f"val_{term}"][: epoch + 1]
+                ax.plot(x[-len(values):] if values else [], values, color=f"C{i}", label=term, linewidth=3)
+            ax.axhline(0, color="k", lw=1)
+            ax.set(xlabel="epoch", ylabel="pseudo Dice lost", title="guide reliance: pseudo Dice lost when the DINO "
+                   "guide is replaced (about 0: the network ignores DINO)")
+            ax.legend(loc="upper left")
         fig.tight_layout()
         fig.savefig(os.path.join(output_folder, "progress.png"))
         plt.close(fig)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import DinoBackbone, LoadReport
+from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.segdino import SegDINOConfig, build_segdino
 from ..networks.segdino_v2 import SegDINOv2Config, build_segdino_v2
 from .dino_trainer_base import DinoTrainerBase, unwrap
@@ -87,7 +87,7 @@ class SegDINOTrainer(SegDINOTrainerBase):
         # variant's configuration rebuilds exactly the trained structure. SegDINO (v1) has a single output whatever
         # enable_deep_supervision says.
         return build_segdino(cls.segdino, num_input_channels, num_output_channels, configuration_manager.patch_size,
-                             configuration_manager.normalization_schemes)
+                             configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager))
 
 
 class SegDINOv2Trainer(SegDINOTrainerBase):
@@ -104,4 +104,5 @@ class SegDINOv2Trainer(SegDINOTrainerBase):
         # which passes enable_deep_supervision=False); the flag only switches the extra outputs on.
         return build_segdino_v2(cls.segdino_v2, num_input_channels, num_output_channels,
                                 configuration_manager.patch_size, configuration_manager.normalization_schemes,
-                                configuration_manager.pool_op_kernel_sizes, enable_deep_supervision)
+                                configuration_manager.pool_op_kernel_sizes, enable_deep_supervision,
+                                intensity_properties=plans_intensity_properties(plans_manager))
