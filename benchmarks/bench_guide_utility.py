@@ -75,7 +75,7 @@ def run_one(arm: str, seed: int, args) -> dict:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunet_dino.training.dino_trainer_base import unwrap
 
-    from guide_utility_arms import fit_to_shape, guide_source
+    from guide_utility_arms import fit_to_shape
 
     torch.set_num_threads(args.threads)
     random.seed(seed)
@@ -213,16 +213,17 @@ def _launch(arm: str, seed: int, args) -> Path:
 def render(results: dict) -> str:
     import numpy as np
 
-    rows = ["| arm | guide | Dice (mean +- sd over seeds) | reliance: shuffled | reliance: constant | "
-            "vs stock | logged reliance (last epoch, shuffled) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| arm | guide | Dice (mean +- sd over seeds) | Dice per seed | reliance: shuffled | reliance: constant | "
+            "vs stock | logged reliance (last epoch, shuffled) |", "|---|---|---|---|---|---|---|---|"]
     runs = results["runs"]
     stock = [r["dice_real"] for r in runs if r["arm"] == "stock"]
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        rs = [r for r in runs if r["arm"] == arm]
+    for arm in [a for a in ARMS if any(r["arm"] == a for r in runs)]:
+        rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
         real = np.array([r["dice_real"] for r in rs])
         cell = lambda v: f"{np.mean(v):.3f} +- {np.std(v):.3f}"  # noqa: E731
+        per_seed = " / ".join(f"{v:.3f}" for v in real)
         if rs[0]["guide_kind"] is None:
-            rows.append(f"| {arm} | none | {cell(real)} | | | | |")
+            rows.append(f"| {arm} | none | {cell(real)} | {per_seed} | | | | |")
             continue
         shuffled = real - np.array([r["dice_shuffled"] for r in rs])
         constant = real - np.array([r["dice_constant"] for r in rs])
@@ -230,8 +231,8 @@ def render(results: dict) -> str:
         logged = [r["logged_reliance_shuffled_last_epoch"] for r in rs
                   if r["logged_reliance_shuffled_last_epoch"] is not None]
         logged_cell = f"{np.mean(logged):+.3f}" if logged else ""
-        rows.append(f"| {arm} | {rs[0]['guide_kind']} | {cell(real)} | {cell(shuffled)} | {cell(constant)} | "
-                    f"{delta} | {logged_cell} |")
+        rows.append(f"| {arm} | {rs[0]['guide_kind']} | {cell(real)} | {per_seed} | {cell(shuffled)} | "
+                    f"{cell(constant)} | {delta} | {logged_cell} |")
     return "\n".join(rows)
 
 

@@ -95,13 +95,14 @@ class BenchGuidedTrainer(_BenchSchedule, GuiDINOTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
-        source_channels = num_input_channels if cls.guide_kind == "image" else num_output_channels
         from_image = cls.guide_kind == "image"
+        source_channels = num_input_channels if from_image else num_output_channels
         base = build_guidance(cls.guidino, source_channels, num_output_channels, configuration_manager.patch_size,
                               configuration_manager.normalization_schemes if from_image else None,
                               plans_intensity_properties(plans_manager) if from_image else None)
-        return SourceSplitGuidedUNet(unet, KnownGuidance(base, cls.guide_kind, num_output_channels), cls.guidino.gate_places,
-                                     cls.guidino.gate_mode, num_input_channels, n_image=num_input_channels)
+        guidance = KnownGuidance(base, cls.guide_kind, num_output_channels)
+        return SourceSplitGuidedUNet(unet, guidance, cls.guidino.gate_places, cls.guidino.gate_mode, num_input_channels,
+                                     n_image=num_input_channels)
 
     def _with_source(self, batch: dict) -> dict:
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]

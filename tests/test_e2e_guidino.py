@@ -6,7 +6,6 @@ the assertions below. DINO weights are random (nnUNet_dino_weights=random): no p
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

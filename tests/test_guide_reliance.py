@@ -198,3 +198,21 @@ def test_hard_counts_are_nnunets_pseudo_dice_counts(regions, ignore):
     for got, want in zip((tp, fp, fn), expected):
         np.testing.assert_array_equal(got, want)
     assert np.isfinite(mean_dice(tp, fp, fn))
+
+
+def test_known_guides_degrade_as_documented():
+    from nnunet_dino.guidance.known_guides import degrade
+
+    torch.manual_seed(0)
+    fractions = (torch.rand(2, 3, 6, 5) > 0.7).float()
+    assert torch.equal(degrade(fractions, "oracle"), fractions)
+    coarse = degrade(fractions, "oracle_coarse")
+    assert coarse.shape == fractions.shape
+    assert torch.allclose(coarse[..., 0, 0], fractions[..., :2, :2].mean((-2, -1)))  # one value per 2x2 tokens
+    assert torch.equal(coarse[..., 0, 0], coarse[..., 1, 1])
+    blurred = degrade(fractions, "oracle_blurred")
+    assert blurred.shape == fractions.shape and blurred.min() >= 0 and blurred.max() <= 1
+    assert (blurred - fractions).abs().max() > 0.2  # really blurred
+    noisy = degrade(fractions, "oracle_noisy")
+    assert 0.2 < (noisy - fractions).std() < 0.4  # N(0, 0.3)
+    assert not torch.equal(noisy, degrade(fractions, "oracle_noisy"))  # fresh noise in every forward

@@ -17,7 +17,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_dino.cli.stock_pipeline import command, run
 from nnunet_dino.guidance import TokenBookConfig
-from nnunet_dino.networks import GuidedUNet, GuiDINOConfig
+from nnunet_dino.networks import GuidedUNet
 from nnunet_dino.training import GuiDINOTrainer
 from nnunet_dino.training.guidino_loss import GuiDINOLoss
 

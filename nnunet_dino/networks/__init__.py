@@ -7,5 +7,5 @@ from .segdino import SegDINO, SegDINOConfig, build_segdino
 from .segdino_v2 import SegDINOv2, SegDINOv2Config, build_segdino_v2
 
 __all__ = ["GATE_PLACES", "DinoEncoderConfig", "DinoTapEncoder", "GuidedUNet", "GuiDINOConfig", "MedDINOv3Config",
-           "MedDINOv3Network", "SegDINO", "SegDINOConfig", "SegDINOv2", "SegDINOv2Config", "build_guidance", "build_guided_unet",
-           "build_meddinov3", "build_segdino", "build_segdino_v2", "paper_tap_layers"]
+           "MedDINOv3Network", "SegDINO", "SegDINOConfig", "SegDINOv2", "SegDINOv2Config", "build_guidance",
+           "build_guided_unet", "build_meddinov3", "build_segdino", "build_segdino_v2", "paper_tap_layers"]

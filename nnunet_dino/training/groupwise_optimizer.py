@@ -48,8 +48,9 @@ class GroupwiseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         types = [type(o).__name__ for o in self.optimizers]
         if state_dict.get("types") != types:
-            raise ValueError(f"The checkpoint's optimizer state is for {state_dict.get('types', 'a single optimizer')}, "
-                             f"this trainer uses {types}. Resume with the trainer that wrote the checkpoint.")
+            saved = state_dict.get("types", "a single optimizer")
+            raise ValueError(f"The checkpoint's optimizer state is for {saved}, this trainer uses {types}. Resume "
+                             f"with the trainer that wrote the checkpoint.")
         for optimizer, child_state in zip(self.optimizers, state_dict["optimizers"]):
             optimizer.load_state_dict(child_state)
         # torch's load_state_dict gives each child new group dicts: share those again.

@@ -14,10 +14,10 @@ from torch import autocast
 from ..backbone import DinoBackbone, LoadReport, lora_parameters, plans_intensity_properties
 from ..networks import GuiDINOConfig, build_guided_unet
 from .dino_trainer_base import DinoTrainerBase, unwrap
-from .guidino_loss import TERMS, GuiDINOLoss
-from .progress_logger import ExtraTermsLogger
 from .groupwise_optimizer import GroupwiseOptimizer
 from .guide_reliance import ABLATIONS, ablated_guides, hard_counts, mean_dice
+from .guidino_loss import TERMS, GuiDINOLoss
+from .progress_logger import ExtraTermsLogger
 from .schedules import GroupPolyLRScheduler
 
 # Pseudo Dice a replaced guide must cost before the end-of-training note says the network uses DINO.
@@ -30,8 +30,9 @@ class GuiDINOTrainer(DinoTrainerBase):
     hinge_loss_weight: float = 0.05
     hinge_margin: float = 1.0
     # nnU-Net's network keeps nnU-Net's SGD (1e-2, momentum 0.99, Nesterov). The guidance modules (TokenBook, gates,
-    # input channel projection) and LoRA use AdamW as upstream's LoRA runs did: measured in
-    # benchmarks/bench_guide_utility.py, SGD at momentum 0.99 learned the TokenBook worse (docs/guidino.md).
+    # input channel projection) and LoRA use AdamW as upstream's LoRA runs did: with SGD at momentum 0.99 less of the
+    # TokenBook's information reached the prediction (guide reliance 0.10 vs 0.16, benchmarks/bench_guide_utility.py)
+    # and a two-appearance class was not learned (docs/guidino.md, docs/benchmarks.md).
     # Every group follows nnU-Net's poly decay from its own rate. "sgd" restores the former all-SGD recipe.
     guidance_optimizer: str = "adamw"  # "adamw" | "sgd"
     lr_guidance: float = 1e-3  # with "sgd": 1e-2
@@ -41,7 +42,8 @@ class GuiDINOTrainer(DinoTrainerBase):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.logger.local_logger = ExtraTermsLogger(TERMS, val_only_terms=tuple(f"guide_reliance_{a}" for a in ABLATIONS))
+        reliance_terms = tuple(f"guide_reliance_{a}" for a in ABLATIONS)
+        self.logger.local_logger = ExtraTermsLogger(TERMS, val_only_terms=reliance_terms)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -146,12 +148,12 @@ class GuiDINOTrainer(DinoTrainerBase):
     def on_train_end(self):
         log = self.logger.local_logger.my_fantastic_logging
         last = {name: log[f"val_guide_reliance_{name}"][-1] for name in ABLATIONS
-                if log.get(f"val_guide_reliance_{name}")}
+                if log.get(f"val_guide_reliance_{name}") and np.isfinite(log[f"val_guide_reliance_{name}"][-1])}
         if last:
             verdict = ("the network uses the DINO guide" if max(last.values()) >= RELIANCE_NOTICE_LEVEL else
                        "WARNING: the network barely uses the DINO guide; its prediction would be about as good "
                        "without it")
-            self.print_to_log_file(f"Guide reliance at the last epoch: " + ", ".join(
+            self.print_to_log_file("Guide reliance at the last epoch: " + ", ".join(
                 f"{k} {v:+.4f}" for k, v in last.items()) + f" pseudo Dice. {verdict}.")
         super().on_train_end()
 
