@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,37 @@ def test_ignored_pixels_do_not_change_the_auxiliary_terms(plans):
     assert before["hinge_loss"] > 0 and before["guide_loss"] > 0
     assert torch.allclose(before["hinge_loss"], loss_fn.last_terms["hinge_loss"])
     assert torch.allclose(before["guide_loss"], loss_fn.last_terms["guide_loss"])
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "sgd"])
+def test_optimizer_recipes_cover_every_trainable_tensor_once(hippo_workspace, plans, tmp_path, monkeypatch, recipe):
+    """Default: nnU-Net's SGD for the U-Net, AdamW for guidance (1e-3) and LoRA (5e-4), as one optimizer object;
+    ``nnUNetTrainerGuiDINO_sgdGuidance``: the former all-SGD recipe. Every group decays from its own rate."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "trainers"))  # as nnU-Net imports them
+    variants = importlib.import_module("nnUNetTrainerGuiDINO")
+    cls = variants.nnUNetTrainerGuiDINO if recipe == "adamw" else variants.nnUNetTrainerGuiDINO_sgdGuidance
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    dataset_json = load_json(hippo_workspace["preprocessed"] / "dataset.json")
+    trainer = cls(dict(copy.deepcopy(plans["default"]), continue_training=False), "2d", 0, dataset_json,
+                  torch.device("cpu"))
+    trainer.network = build(plans["default"], trainer=cls)
+    trainer.num_epochs = 10
+    optimizer, scheduler = trainer.configure_optimizers()
+    if recipe == "adamw":
+        assert [type(o) for o in optimizer.optimizers] == [torch.optim.SGD, torch.optim.AdamW]
+        sgd, adamw = optimizer.optimizers
+        assert [g["name"] for g in sgd.param_groups] == ["segmentation"]
+        assert sgd.defaults["momentum"] == 0.99 and sgd.defaults["nesterov"]
+        assert [(g["name"], g["lr"]) for g in adamw.param_groups] == [("guidance", 1e-3), ("lora", 5e-4)]
+    else:
+        assert type(optimizer) is torch.optim.SGD
+        assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [
+            ("segmentation", 1e-2), ("guidance", 1e-2), ("lora", 1e-3)]
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = [p for p in trainer.network.parameters() if p.requires_grad]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)  # each exactly once, none left out
+    initial = [g["lr"] for g in optimizer.param_groups]
+    scheduler.step(5)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr * 0.5 ** 0.9 for lr in initial])

@@ -67,6 +67,13 @@ class nnUNetTrainerGuiDINO_paper(nnUNetTrainerGuiDINO):
                       gate_mode="multiplicative")
 
 
+class nnUNetTrainerGuiDINO_sgdGuidance(nnUNetTrainerGuiDINO):
+    """The former recipe: nnU-Net's SGD (momentum 0.99) for everything, guidance 1e-2, LoRA 1e-3 (ablation)."""
+    guidance_optimizer = "sgd"
+    lr_guidance = 1e-2
+    lr_lora = 1e-3
+
+
 class nnUNetTrainerGuiDINO_decoderGates(nnUNetTrainerGuiDINO):
     """Gate every stage: input, encoder, bottleneck and decoder."""
     guidino = replace(GuiDINOTrainer.guidino, gate_places=("input", "encoder", "bottleneck", "decoder"))
