@@ -236,6 +236,30 @@ def render(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _check_preprocessed(args) -> None:
+    """Fail before any training, saying what to run, if the dataset is not preprocessed for the configuration."""
+    root = os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise SystemExit("Set nnUNet_preprocessed (and run nnUNetv2_plan_and_preprocess for the dataset) first.")
+    folder = next((f for f in Path(root).glob("Dataset*") if f.name == str(args.dataset)
+                   or (str(args.dataset).isdigit() and f.name.startswith(f"Dataset{int(args.dataset):03d}_"))), None)
+    plans = folder / f"{args.plans}.json" if folder else None
+    configuration = None
+    if plans is not None and plans.is_file():
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        manager = PlansManager(str(plans))
+        if args.configuration in manager.available_configurations:
+            configuration = manager.get_configuration(args.configuration)
+    if configuration is not None and len(configuration.patch_size) != 2:
+        raise SystemExit(f"'{args.configuration}' has 3D patches {configuration.patch_size}; GuiDINO trains 2D "
+                         f"configurations: use -c 2d.")
+    if configuration is None or not (folder / configuration.data_identifier).is_dir():
+        raise SystemExit(f"Dataset {args.dataset} has no preprocessed '{args.configuration}' configuration with plans "
+                         f"{args.plans} under {root}. Run: nnUNetv2_plan_and_preprocess -d {args.dataset} -c "
+                         f"{args.configuration}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -245,6 +269,7 @@ def main(argv=None):
         out = args.work / "runs" / f"{arm}_seed{seed}.json"
         out.write_text(json.dumps(result, indent=2))
         return
+    _check_preprocessed(args)
     for sub in ("runs", "logs", "results"):
         (args.work / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
