@@ -1,8 +1,11 @@
 """Weight files that must be refused, with messages that tell the user what is wrong and what to do."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import signal
 import warnings
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 from conftest import save_meta_named
 from nnunet_dino.backbone import (HOW_TO_GET_WEIGHTS, RANDOM_INIT_VALUE, WEIGHTS_ENV_VAR, WeightFileError,
-                                  load_backbone, resolve_weights_setting)
+                                  load_backbone, resolve_weights_setting, to_canonical, verify_meta_hash)
 
 HOW_TO_MARKERS = ("ai.meta.com", "nnUNet_dino_weights")
 
@@ -283,3 +286,217 @@ def test_hf_folder_with_nonzero_key_bias_is_refused(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(WeightFileError, match="non-zero key bias"):
         load_backbone(weights=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- audit 2026-12-01
+class _Hang(BaseException):
+    """Not an Exception, so that no `except Exception` in the loader can turn a hang into a passing refusal."""
+
+
+@contextlib.contextmanager
+def _must_finish_within(seconds: int):
+    """Turns a hang (hashing /dev/zero, opening a FIFO) into a failure of this test instead of a stuck suite."""
+    def on_alarm(signum, frame):
+        raise _Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _special_file(kind, tmp_path, dinov3_s):
+    """(path to load, path the message must name, what it must say it is)."""
+    meta_name = "dinov3_vits16_pretrain_lvd1689m-00000000.pth"  # hash-named: the sha256 check would read it all
+    if kind == "dev_zero_meta_named":
+        (tmp_path / meta_name).symlink_to("/dev/zero")
+        return tmp_path / meta_name, tmp_path / meta_name, "character device"
+    if kind == "fifo_meta_named":
+        os.mkfifo(tmp_path / meta_name)
+        return tmp_path / meta_name, tmp_path / meta_name, "named pipe"
+    if kind == "fifo_plain_name":  # no hash check: torch.load's open() would block instead
+        os.mkfifo(tmp_path / "weights.pth")
+        return tmp_path / "weights.pth", tmp_path / "weights.pth", "named pipe"
+    assert kind == "hf_safetensors_dev_zero"
+    (tmp_path / "config.json").write_text((dinov3_s.files["hf"] / "config.json").read_text())
+    (tmp_path / "model.safetensors").symlink_to("/dev/zero")
+    return tmp_path, tmp_path / "model.safetensors", "character device"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero") or not hasattr(os, "mkfifo"), reason="needs /dev/zero and FIFOs")
+@pytest.mark.parametrize("kind", ["dev_zero_meta_named", "fifo_meta_named", "fifo_plain_name",
+                                  "hf_safetensors_dev_zero"])
+def test_device_or_fifo_is_refused_at_once(kind, tmp_path, dinov3_s):
+    """A29: only regular files are read (after resolving links); a device or pipe used to hang the sha256 check."""
+    path, named, what = _special_file(kind, tmp_path, dinov3_s)
+    with _must_finish_within(20), pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(named) in msg and what in msg and "not a regular file" in msg
+    if kind == "dev_zero_meta_named":
+        assert "/dev/zero" in msg
+        with _must_finish_within(20), pytest.raises(WeightFileError, match="character device"):
+            verify_meta_hash(path)  # public helper: refuses by itself too
+
+
+def test_empty_file_is_called_empty(tmp_path):
+    """A4: say the file is empty, without the misleading 'save a plain state dict' advice."""
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "empty (0 bytes)" in msg and "Download it again" in msg
+    assert "plain state dict" not in msg and "unpickle" not in msg
+
+
+def test_invalid_hf_config_json_is_named(dinov3_s, tmp_path):
+    """A22: a WeightFileError naming config.json, not a raw JSONDecodeError."""
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").symlink_to(dinov3_s.files["hf"] / "model.safetensors")
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "config.json") in msg and "not valid JSON" in msg and "line 1 column 2" in msg
+
+
+def _hf_folder_without(dinov3_s, tmp_path, key):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(dinov3_s.files["hf"] / "model.safetensors"))
+    del state[key]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((dinov3_s.files["hf"] / "config.json").read_text())
+    return tmp_path
+
+
+@pytest.mark.parametrize("key", ["layer.3.mlp.up_proj.weight", "layer.5.attention.k_proj.weight",
+                                 "embeddings.register_tokens"])
+def test_missing_hf_tensor_is_named_by_its_hf_key(key, dinov3_s, tmp_path):
+    """A19: the message names the tensor as the Hugging Face file calls it (not blocks.3.mlp.fc1.weight)."""
+    folder = _hf_folder_without(dinov3_s, tmp_path, key)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=folder)
+    msg = str(e.value)
+    assert f"lack the tensor {key!r}" in msg and str(folder) in msg
+
+
+@pytest.mark.parametrize("key,damage", [("blocks.3.mlp.fc1.weight", "nan_all"), ("norm.weight", "inf_one")])
+def test_non_finite_tensor_is_named(key, damage, dinov3_s, tmp_path):
+    """A25: NaN/inf weights are refused, naming the file and the tensor (they used to give NaN features)."""
+    state = dict(dinov3_s.meta_state)
+    bad = state[key].clone()
+    if damage == "nan_all":
+        bad.fill_(float("nan"))
+    else:
+        bad.view(-1)[7] = float("inf")
+    state[key] = bad
+    path = tmp_path / "damaged.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    n = bad.numel() if damage == "nan_all" else 1
+    assert str(path) in msg and "NaN or infinite" in msg and f"{key} ({n} of {bad.numel()} values)" in msg
+
+
+def test_wrong_shape_tensor_is_named_with_both_shapes(dinov3_s, tmp_path):
+    """A26: a 1-channel patch embedding gives a WeightFileError with key, expected and found shapes, not torch's
+    raw size-mismatch RuntimeError."""
+    state = dict(dinov3_s.meta_state)
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"][:, :1].clone()
+    path = tmp_path / "one_channel.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "patch_embed.proj.weight: expected (384, 3, 16, 16), found (384, 1, 16, 16)" in msg
+    assert "DinoInputAdapter" in msg
+
+
+def test_rope_periods_of_another_schedule_are_refused(dinov3_s, tmp_path):
+    """A24: the stored RoPE period values are checked (bf16 rounding tolerated), not only their number."""
+    state = dict(dinov3_s.meta_state)
+    state["rope_embed.periods"] = state["rope_embed.periods"] * 7
+    path = tmp_path / "rope_times_7.pth"
+    torch.save(state, path)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "'rope_embed.periods'" in msg and "RoPE base 100" in msg
+
+
+def test_hf_rope_theta_of_another_schedule_is_refused(dinov3_s, tmp_path):
+    """A24, Hugging Face layout: the RoPE base is read from config.json and checked the same way."""
+    config = json.loads((dinov3_s.files["hf"] / "config.json").read_text())
+    config["rope_theta"] = 1000.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(dinov3_s.files["hf"] / "model.safetensors")
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "rope_theta=1000" in msg and "RoPE base 100" in msg
+
+
+def _blocks_bias_mask_off(state, blocks):
+    state = dict(state)
+    for i in blocks:
+        state[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones_like(state[f"blocks.{i}.attn.qkv.bias_mask"])
+    return state
+
+
+@pytest.mark.parametrize("variant", ["mask_activates_k_bias", "no_mask_nonzero_k_bias"])
+def test_meta_file_with_an_active_key_bias_is_refused(variant, dinov3_s, tmp_path):
+    """A23: Meta's model adds qkv.bias * qkv.bias_mask. A mask that keeps the (non-zero) k part, or no mask at all,
+    means a key bias the canonical model cannot hold: refused, like the Hugging Face case (A20), never dropped."""
+    if variant == "mask_activates_k_bias":
+        state, block = _blocks_bias_mask_off(dinov3_s.meta_state, [4, 7]), 4
+        reason = "which blocks.4.attn.qkv.bias_mask does not zero"
+    else:
+        state = {k: v for k, v in dinov3_s.meta_state.items() if not k.endswith("bias_mask")}
+        block, reason = 0, "with no blocks.0.attn.qkv.bias_mask to zero it"
+    path = save_meta_named(state, tmp_path, "dinov3_vits16_pretrain_lvd1689m")
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and f"Block {block} of the Meta DINOv3 weights has a non-zero key bias" in msg
+    assert f"the k part of blocks.{block}.attn.qkv.bias" in msg and reason in msg
+
+
+def test_timm_file_with_a_key_bias_is_refused(dinov3_s, tmp_path):
+    """A23 in timm's split-projection layout: a non-zero k_proj.bias used to be popped silently."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in to_canonical(dinov3_s.meta_state).state_dict.items()}
+    state["blocks.2.attn.k_proj.bias"] = torch.full((384,), 0.1)
+    path = tmp_path / "timm_split.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "Block 2 of the timm DINOv3 weights has a non-zero key bias" in msg
+    assert "blocks.2.attn.k_proj.bias" in msg
+
+
+def test_training_checkpoint_wrapper_is_refused_with_advice(dinov3_s, tmp_path):
+    """A28: {'model': sd, 'epoch': ...} is ambiguous (which entry holds the weights to use?): refused, saying where
+    the tensors are and how to extract them. (A lone {'state_dict': sd} is unwrapped: test_backbone_formats.py.)"""
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": dinov3_s.meta_state, "epoch": 3}, path)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "nested under 'model'" in msg and "['epoch']" in msg
+    assert f"torch.save(torch.load('{path}', weights_only=True)['model']" in msg
+
+
+def test_tensors_nested_under_another_key_are_pointed_out(dinov3_s, tmp_path):
+    path = tmp_path / "net.pth"
+    torch.save({"net": dinov3_s.meta_state}, path)
+    with pytest.raises(WeightFileError) as e:
+        load_backbone(weights=path)
+    msg = str(e.value)
+    assert str(path) in msg and "nested under ['net']" in msg

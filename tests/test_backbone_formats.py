@@ -5,13 +5,16 @@ conftest.py); every layout holding the same weights must also give the same patc
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
 
 import pytest
 import torch
 
-from conftest import hf_reference, input_image
-from nnunet_dino.backbone import DinoBackbone, WeightFileError, load_backbone
+from conftest import hf_reference, input_image, save_meta_named
+from nnunet_dino.backbone import DinoBackbone, WeightFileError, get_architecture, load_backbone, to_canonical
+from nnunet_dino.backbone.vit_factory import rope_periods
 
 # (weight-set fixture, format label, expected pretraining tag used for input normalisation)
 CASES = [
@@ -152,3 +155,70 @@ def test_folder_of_meta_files_with_name(dinov3_s, dinov3_splus, dinov2_s, dinov2
     _assert_maps_close(feats, loaded("dinov2_s_reg", "meta")[2][-1:], "folder load")
     with pytest.raises(WeightFileError, match="name the architecture"):
         load_backbone(weights=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- audit 2026-12-01
+def _features(path, ws):
+    bb = load_backbone(weights=path)
+    with torch.no_grad():
+        return bb, bb.patch_features(input_image(ws.input_hw), layers=range(bb.arch.depth))
+
+
+def test_meta_file_without_bias_mask_and_zero_key_bias_loads_exactly(dinov3_s, references, tmp_path):
+    """A23: without bias_mask Meta's model adds qkv.bias as it is; a zero k part is then exactly no key bias."""
+    state = {k: v for k, v in dinov3_s.meta_state.items() if not k.endswith("bias_mask")}
+    for i in range(12):
+        q, _k, v = state[f"blocks.{i}.attn.qkv.bias"].chunk(3)
+        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    _, feats = _features(save_meta_named(state, tmp_path, "dinov3_vits16_pretrain_lvd1689m"), dinov3_s)
+    _assert_maps_close(feats, references("dinov3_s"), "Meta file without bias_mask vs Hugging Face reference")
+
+
+def test_meta_bias_mask_is_applied_as_meta_applies_it(dinov3_s, tmp_path):
+    """A23: the effective bias is qkv.bias * qkv.bias_mask (Meta's LinearKMaskedBias), so a mask scaling the q part
+    gives the features of a reference whose q bias is scaled the same way (the k part stays masked: irrelevant)."""
+    state = dict(dinov3_s.meta_state)
+    for i in range(12):
+        mask = state[f"blocks.{i}.attn.qkv.bias_mask"].clone()
+        mask[:384] = 0.5
+        state[f"blocks.{i}.attn.qkv.bias_mask"] = mask
+    reference = copy.deepcopy(dinov3_s.reference)
+    with torch.no_grad():
+        for layer in reference.model.layer if hasattr(reference, "model") else reference.layer:
+            layer.attention.q_proj.bias.mul_(0.5)
+    path = tmp_path / "half_q_bias.pth"
+    torch.save(state, path)
+    _, feats = _features(path, dinov3_s)
+    ref = hf_reference(reference, input_image(dinov3_s.input_hw), range(12))
+    _assert_maps_close(feats, ref, "q bias halved by bias_mask vs Hugging Face reference")
+
+
+def test_timm_split_projection_file_loads_exactly(dinov3_s, references, tmp_path):
+    """timm's split-projection DINOv3 layout (q_proj/k_proj/v_proj), with a zero k_proj.bias: loads and matches."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in to_canonical(dinov3_s.meta_state).state_dict.items()}
+    state.update({f"blocks.{i}.attn.k_proj.bias": torch.zeros(384) for i in range(12)})
+    path = tmp_path / "timm_split.safetensors"
+    save_file(state, str(path))
+    bb, feats = _features(path, dinov3_s)
+    assert bb.load_report.layout == "timm DINOv3"
+    _assert_maps_close(feats, references("dinov3_s"), "timm split layout vs Hugging Face reference")
+
+
+def test_lone_state_dict_wrapper_is_unwrapped_and_logged(dinov3_s, references, tmp_path, caplog):
+    """A28: {'state_dict': sd} holds nothing but the weights: they are loaded from there (logged), exactly."""
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": dinov3_s.meta_state}, path)
+    with caplog.at_level(logging.INFO, logger="nnunet_dino"):
+        bb, feats = _features(path, dinov3_s)
+    assert any("nested under 'state_dict'" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert bb.load_report.layout == "Meta DINOv3"
+    _assert_maps_close(feats, references("dinov3_s"), "{'state_dict': ...} vs Hugging Face reference")
+
+
+def test_rope_periods_are_those_the_built_model_computes():
+    """A24: the periods files are checked against (vit_factory.rope_periods) are the timm model's own."""
+    arch = get_architecture("dinov3_vits16")
+    bb = DinoBackbone(arch)
+    torch.testing.assert_close(rope_periods(arch), bb.vit.rope.periods, rtol=0, atol=0)

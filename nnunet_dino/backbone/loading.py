@@ -10,7 +10,8 @@ from .formats import CanonicalWeights, to_canonical
 from .model import DinoBackbone, LoadReport
 from .random_init import init_random_dino_weights_
 from .registry import get_architecture
-from .weight_files import HOW_TO_GET_WEIGHTS, WeightFileError, find_meta_file, pretraining_of, read_weights
+from .weight_files import (HOW_TO_GET_WEIGHTS, WeightFileError, find_meta_file, is_hf_folder, pretraining_of,
+                           read_weights)
 
 log = logging.getLogger("nnunet_dino")
 
@@ -32,7 +33,7 @@ def resolve_weights_setting(explicit: str | os.PathLike | None, arch_name: str) 
     if str(value) == RANDOM_INIT_VALUE:
         return None
     path = Path(value).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not is_hf_folder(path):
         return find_meta_file(path, arch_name)
     return path
 
@@ -47,7 +48,7 @@ def warn_random_init(arch_name: str) -> None:
 
 def _read_canonical(path: Path) -> tuple[CanonicalWeights, Path]:
     state, hf_config, resolved = read_weights(path)
-    return to_canonical(state, hf_config), resolved
+    return to_canonical(state, hf_config, source=resolved), resolved
 
 
 def _report(canonical: CanonicalWeights, resolved: Path) -> LoadReport:
@@ -86,7 +87,7 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
     if random_init:
         raise ValueError("Pass either weights= or random_init=True, not both.")
     path = Path(weights).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not is_hf_folder(path):
         if name is None:
             raise WeightFileError(f"{path} is a folder of weight files; also name the architecture, e.g. "
                                   f"load_backbone('dinov3_vits16', weights='{path}').")

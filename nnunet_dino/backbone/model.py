@@ -11,7 +11,7 @@ import torch.nn as nn
 from .formats import CanonicalWeights
 from .registry import DinoArchitecture
 from .vit_factory import create_vit
-from .weight_files import WeightFileError
+from .weight_files import HOW_TO_GET_WEIGHTS, WeightFileError
 
 log = logging.getLogger("nnunet_dino")
 
@@ -98,10 +98,29 @@ class DinoBackbone(nn.Module):
             target[wrapped if wrapped in model_keys else k] = v
         missing = [k for k in model_keys if k not in target and "lora_" not in k]
         unexpected = [k for k in target if k not in model_keys]
+        source = f"{weights.source}: " if weights.source else ""
         if missing or unexpected:
             raise WeightFileError(
-                f"Weights do not fit {self.arch.name}: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}."
+                f"{source}Weights do not fit {self.arch.name}: missing {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                f"{' ...' if len(unexpected) > 10 else ''}."
             )
+        self._check_shapes(target, weights, source)
         result = self.vit.load_state_dict(target, strict=False)
         assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys), result
+
+    def _check_shapes(self, target: dict, weights: CanonicalWeights, source: str) -> None:
+        """Every tensor must have the shape the architecture gives it; torch's own size-mismatch error names neither
+        the file nor a remedy. (The architecture was inferred from a few tensors only, so others can still differ,
+        e.g. a patch embedding cut down to one input channel.)"""
+        model_state = self.vit.state_dict()
+        wrong = [f"{k}: expected {tuple(model_state[k].shape)}, found {tuple(v.shape)}"
+                 for k, v in target.items() if tuple(v.shape) != tuple(model_state[k].shape)]
+        if wrong:
+            raise WeightFileError(
+                f"{source}{len(wrong)} tensor(s) of the {weights.layout} weights do not have the shapes of "
+                f"{self.arch.name}: {wrong[:5]}{' ...' if len(wrong) > 5 else ''}. The file is damaged or holds a "
+                f"modified model (e.g. a patch embedding adapted to other input channels: nnunet-dino maps any number "
+                f"of image channels to the 3 RGB channels itself, with DinoInputAdapter). Use the original weights. "
+                f"{HOW_TO_GET_WEIGHTS}"
+            )

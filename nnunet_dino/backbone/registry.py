@@ -46,6 +46,9 @@ class DinoArchitecture:
     num_registers: int
     swiglu: bool
     default_pretraining: str  # key of PIXEL_STATS used unless the weights say otherwise
+    # DINOv3: base of the RoPE period schedule (Meta's pos_embed_rope_base; every released DINOv3 uses 100). The
+    # backbone is built with it and weight files' stored periods are checked against it. None: no RoPE (DINOv2).
+    rope_base: float | None = None
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +66,7 @@ class DinoArchitecture:
 
 
 def _v3(name, timm_name, dim, depth, heads, swiglu):
-    return DinoArchitecture(name, "dinov3", timm_name, 16, dim, depth, heads, 4, swiglu, "lvd1689m")
+    return DinoArchitecture(name, "dinov3", timm_name, 16, dim, depth, heads, 4, swiglu, "lvd1689m", rope_base=100.0)
 
 
 def _v2(name, timm_name, dim, depth, heads, regs, swiglu):

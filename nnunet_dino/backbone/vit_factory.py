@@ -18,13 +18,24 @@ def create_vit(arch: DinoArchitecture, drop_path_rate: float = 0.0) -> nn.Module
     position grid and interpolated to other sizes on the fly (dynamic_img_size)."""
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
     if arch.family == "dinov3":
-        kwargs.update(qkv_fused=False, qkv_bias=True)
+        # The RoPE base is passed, not left to timm's default, so that the periods the model computes are the ones
+        # rope_periods() gives and weight files are checked against.
+        kwargs.update(qkv_fused=False, qkv_bias=True, rope_temperature=arch.rope_base)
     else:
         kwargs.update(img_size=518, dynamic_img_size=True)
     model = timm.create_model(arch.timm_name, **kwargs)
     if arch.family == "dinov2" and arch.num_registers == 0:
         model._pos_embed = types.MethodType(_dinov2_pos_embed, model)
     return model
+
+
+def rope_periods(arch: DinoArchitecture) -> torch.Tensor:
+    """The float32 RoPE periods of a DINOv3 ``arch`` (head_dim/4 of them): base ** (4 i / head_dim), the schedule of
+    Meta's RopePositionEmbedding, Hugging Face's DINOv3 (1 / inv_freq) and timm's RotaryEmbeddingDinoV3."""
+    if arch.rope_base is None:
+        raise ValueError(f"{arch.name} has no RoPE.")
+    quarter = arch.head_dim // 4
+    return arch.rope_base ** (2.0 * torch.arange(quarter, dtype=torch.float32) / (arch.head_dim // 2))
 
 
 def _dinov2_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
