@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: plan, preprocess, train a short GuiDINO run on CPU, predict the held-out
-# NIfTIs, evaluate, and write guide overlays, all with the stock nnU-Net commands. See README.md.
+# images, evaluate, write guide overlays and report the guide reliance, all with the stock nnU-Net commands.
+# Default: the bundled HC18Tiny fetal-head ultrasound PNGs (--dataset 990: HippoTiny MRI). See README.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 scripts/bootstrap_venv.sh

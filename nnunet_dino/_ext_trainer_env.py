@@ -12,7 +12,8 @@ _MARKER = "NNUNET_DINO_TRAINERS"  # present in our trainer folder, so we never r
 
 def trainer_folder():
     """The folder holding nnunet-dino's trainer modules: inside the installed package for a regular
-    install, ./trainers in the repository for an editable install or a source checkout."""
+    install, ./trainers in the repository for an editable install or a source checkout. ``nnunet_dino.trainers``
+    imports the variants from here (for subclassing in a user's own trainer folder)."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
     for candidate in (os.path.join(package_dir, "_trainers"), os.path.join(os.path.dirname(package_dir), "trainers")):
         if os.path.isfile(os.path.join(candidate, _MARKER)):

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_dino.cli.stock_pipeline import command, evaluate, run, train
+from nnunet_dino.training.checkpoints import PROVENANCE_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = REPO / "datasets" / "nnUNet_raw"
@@ -73,8 +74,10 @@ def test_predict_in_fresh_process_matches_validation_and_geometry(hippo):
         shutil.copy(RAW / "Dataset990_HippoTiny" / "imagesTr" / f"{case}_0000.nii.gz", inputs)
     out = hippo["work"] / "val_pred"
     env = {k: v for k, v in hippo["env"].items() if k != "nnUNet_dino_weights"}  # prediction needs no DINO file
-    run([command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", "990", "-c", "2d", "-tr", TRAINER,
-         "-f", "0", "-device", "cpu"], env)
+    printed = run([command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", "990", "-c", "2d", "-tr",
+                   TRAINER, "-f", "0", "-device", "cpu"], env)
+    # The checkpoint says which DINO weights the model was trained with, and prediction says it once.
+    assert printed.count("this model was trained with dinov3_vits16: RANDOMLY INITIALISED DINO weights") == 1
     for case in val_cases:
         predicted = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
@@ -115,8 +118,11 @@ def test_resume_restores_every_piece(hippo, monkeypatch):
     trainer.load_checkpoint(str(ckpt_path))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     state = trainer.network.state_dict()
-    assert state.keys() == ckpt["network_weights"].keys()
-    for k, v in ckpt["network_weights"].items():
+    saved = dict(ckpt["network_weights"])
+    record = saved.pop(PROVENANCE_KEY)  # which DINO weights: travels inside the checkpoint (export, predict)
+    assert record["dino_weights"][0]["random_init"] is True
+    assert state.keys() == saved.keys()
+    for k, v in saved.items():
         assert torch.equal(state[k], v), k
     restored = trainer.optimizer.state_dict()
     assert restored["types"] == ["SGD", "AdamW"]  # nnU-Net's SGD for its U-Net, AdamW for guidance and LoRA
@@ -140,8 +146,8 @@ def test_training_without_weights_stops_at_once_with_instructions(hippo):
     with pytest.raises(RuntimeError) as err:
         train("990", "nnUNetTrainerGuiDINO_5epochs", env)
     assert "No DINO weights configured" in str(err.value) and "nnUNet_dino_weights" in str(err.value)
-    fold = hippo["results"] / "nnUNetTrainerGuiDINO_5epochs__nnUNetPlans__2d"
-    assert not list(fold.rglob("checkpoint_*.pth"))
+    model = hippo["results"] / "nnUNetTrainerGuiDINO_5epochs__nnUNetPlans__2d"
+    assert not model.exists()  # refused before nnU-Net's __init__ writes a training log into fold_0
 
 
 def test_training_with_weights_of_another_kind_is_refused(hippo, tmp_path):

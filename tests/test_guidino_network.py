@@ -232,6 +232,7 @@ def test_optimizer_recipes_cover_every_trainable_tensor_once(hippo_workspace, pl
     variants = importlib.import_module("nnUNetTrainerGuiDINO")
     cls = variants.nnUNetTrainerGuiDINO if recipe == "adamw" else variants.nnUNetTrainerGuiDINO_sgdGuidance
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_dino_weights", "random")  # construction checks the setting
     dataset_json = load_json(hippo_workspace["preprocessed"] / "dataset.json")
     trainer = cls(dict(copy.deepcopy(plans["default"]), continue_training=False), "2d", 0, dataset_json,
                   torch.device("cpu"))

@@ -40,6 +40,7 @@ def in_env(workspace, monkeypatch):
     for k, v in workspace["env"].items():
         if k.startswith("nnUNet"):
             monkeypatch.setenv(k, v)
+    monkeypatch.delenv("nnUNet_dino_max_tokens", raising=False)  # the default token cap, whatever the shell has
     return workspace
 
 
@@ -164,6 +165,12 @@ def test_existing_configuration_is_refused_then_replaced_with_overwrite(in_env, 
     (["-d", "991", "--size", "128"], "Unknown dataset 991"),
     (["-d", "Dataset991_Nope", "--size", "128"], "Unknown dataset 'Dataset991_Nope'"),
     (["-d", "990", "-p", "NoSuchPlans", "--size", "128"], "No plans file"),
+    # E11: absurd sizes (a typo of 896, or worse) exceed the DINO trainers' token cap
+    (["-d", "990", "--size", "1600000"], "cap of 4,096 tokens"),
+    (["-d", "990", "--size", "8960"], "560x400 = 224,000 tokens"),
+    (["-d", "990", "--size", "1216"], "--size 1200 is the largest long side that fits"),
+    (["-d", "990", "--size", "1600000", "--patch-multiple", "14"], "cap of 4,096 tokens"),  # not "use 1600004"
+    (["-d", "990", "--size", "1600000", "1142864"], "cap of 4,096 tokens"),
 ])
 def test_refusals_leave_the_plans_file_unchanged(in_env, capsys, argv, match):
     refuse(argv, in_env["folder"], capsys, match)
@@ -210,18 +217,79 @@ def test_invalid_json_is_refused(tmp_path, capsys):
     refuse(["--plans-file", str(path), "--size", "128"], tmp_path, capsys, "not valid JSON")
 
 
-def test_a_failed_write_leaves_the_file_and_no_temporary(in_env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step,target", [("creating a temporary file", "tempfile.mkstemp"),
+                                         ("writing the backup", "shutil.copy2"), ("replacing", "os.replace")])
+def test_a_failed_write_leaves_the_file_and_nothing_else(in_env, tmp_path, monkeypatch, step, target):
+    """An OSError at any step of the write is a refusal naming the step and the reason; no temporary file and no
+    backup are left (the original is still in place, so the backup would only be clutter)."""
     path = _variant(in_env, tmp_path, lambda p: None)
-    original = path.read_bytes()
+    before = snapshot(path.parent)
 
-    def broken_replace(src, dst):
-        raise OSError("disk full (simulated)")
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(highres_module.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="simulated"):
+    module, attr = target.split(".")
+    monkeypatch.setattr(getattr(highres_module, module), attr, broken)
+    with pytest.raises(HighResPlansError, match=f"{step}.*No space left on device .simulated.*is unchanged"):
         highres_module.add_highres_configuration(path, HighResRequest((128,), name="2d_fail"))
-    assert path.read_bytes() == original
-    assert not list(path.parent.glob("*.tmp"))
+    assert snapshot(path.parent) == before
+
+
+def _writes_are_blocked(folder: Path) -> bool:
+    """Whether the permission bits of ``folder`` really stop writes (not for root, nor on some file systems)."""
+    probe = folder / ".probe"
+    try:
+        probe.write_text("x")
+    except OSError:
+        return True
+    probe.unlink()
+    return False
+
+
+def test_a_read_only_plans_folder_is_refused_with_the_file_and_the_reason(in_env, tmp_path, monkeypatch, capsys):
+    """E10: a raw OSError traceback before. As root chmod blocks nothing, so the read-only file system is then
+    simulated where the first write happens (the temporary file): either way the refusal must be seen."""
+    path = _variant(in_env, tmp_path, lambda p: None)
+    folder = path.parent
+    folder.chmod(0o555)
+    try:
+        if not _writes_are_blocked(folder):
+            real_mkstemp = highres_module.tempfile.mkstemp
+
+            def read_only(*args, dir=None, **kwargs):
+                if Path(dir) == folder:
+                    raise OSError(30, "Read-only file system", str(folder / ".nnUNetPlans.json.x.tmp"))
+                return real_mkstemp(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(highres_module.tempfile, "mkstemp", read_only)
+        before = snapshot(folder)
+        assert main(["--plans-file", str(path), "--size", "128", "--name", "2d_read_only"]) == 2
+        err = capsys.readouterr().err
+        assert "refused, nothing written" in err and f"creating a temporary file in {folder}" in err, err
+        assert ("Read-only file system" in err or "Permission denied" in err) and "--plans-file" in err, err
+        assert "Traceback" not in err
+        assert snapshot(folder) == before
+    finally:
+        folder.chmod(0o755)
+
+
+def test_the_token_cap_follows_the_trainers_setting(in_env, monkeypatch):
+    """The bound on --size is the DINO trainers' own cap ($nnUNet_dino_max_tokens), so the two never disagree."""
+    from nnunet_dino.backbone.input_adapter import DinoInputAdapter
+
+    plans = json.loads(in_env["plans_file"].read_text())
+    monkeypatch.delenv("nnUNet_dino_max_tokens", raising=False)
+    _, cfg, _ = derive_highres_configuration(plans, HighResRequest((1200,)))  # the largest that fits: 75x54 tokens
+    assert cfg["patch_size"] == [1200, 864]
+    DinoInputAdapter(1, 16, cfg["patch_size"])  # ... and the trainers' adapter accepts it
+    with pytest.raises(HighResPlansError, match="cap of 4,096 tokens"):
+        derive_highres_configuration(plans, HighResRequest((1216,)))  # 76x54 = 4104 tokens
+    monkeypatch.setenv("nnUNet_dino_max_tokens", "4104")
+    _, cfg, _ = derive_highres_configuration(plans, HighResRequest((1216,)))
+    assert cfg["patch_size"] == [1216, 864]
+    monkeypatch.setenv("nnUNet_dino_max_tokens", "a lot")
+    with pytest.raises(HighResPlansError, match="is not an integer"):
+        derive_highres_configuration(plans, HighResRequest((1216,)))
 
 
 def test_dinov2_multiple_and_long_side_rule(in_env):

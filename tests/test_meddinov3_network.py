@@ -8,6 +8,7 @@ structure, not the weights, is under test (except where the synthetic MedDINOv3 
 from __future__ import annotations
 
 import copy
+import os
 import inspect
 import json
 from dataclasses import replace
@@ -70,6 +71,9 @@ def build(plans, trainer=FewTokens, channels=1, outputs=3, patch=None, seed=0) -
 def make_trainer(cls, plans, dataset_json, tmp_path, monkeypatch, configuration="2d"):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    # Construction checks the weights setting (before nnU-Net writes into the fold folder); a test may override it.
+    if not os.environ.get("nnUNet_dino_weights"):
+        monkeypatch.setenv("nnUNet_dino_weights", "random")
     plans = dict(copy.deepcopy(plans), continue_training=False)  # nnU-Net 2.8 pops this from the plans dict
     return cls(plans, configuration, 0, dataset_json, torch.device("cpu"))
 

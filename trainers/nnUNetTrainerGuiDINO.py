@@ -94,3 +94,47 @@ class nnUNetTrainerGuiDINO_vitb(nnUNetTrainerGuiDINO):
 
 class nnUNetTrainerGuiDINO_vitl(nnUNetTrainerGuiDINO):
     guidino = replace(GuiDINOTrainer.guidino, dino_arch="dinov3_vitl16")
+
+
+# ---- fine-tuning your own stock nnU-Net model (set nnUNet_dino_init_unet; docs/guidino.md)
+# nnU-Net's pretraining docs fine-tune with the normal schedule, but there the network meets a new dataset. Here the
+# U-Net is already trained on this very data and only the guidance is new: nnU-Net's 1e-2 at momentum 0.99 would
+# first undo part of the converged solution, and 1000 epochs would repeat the stock training's cost. So the U-Net
+# starts at a tenth of nnU-Net's rate on a quarter of its schedule; guidance and LoRA keep their rates (they start
+# from scratch). Not benchmarked yet; nnU-Net's own recipe is the plain nnUNetTrainerGuiDINO with the same setting.
+class nnUNetTrainerGuiDINO_fromStock(nnUNetTrainerGuiDINO):
+    """Stock U-Net fine-tuned at 1e-3 for 250 epochs while the guidance learns. Refuses to start without a stock
+    model: this schedule would under-train a U-Net from scratch."""
+    epochs = 250
+    lr_unet = 1e-3
+    require_init_unet = True
+
+
+class nnUNetTrainerGuiDINO_fromStockFrozenUNet(nnUNetTrainerGuiDINO_fromStock):
+    """The stock U-Net kept exactly (rate 0): only gates, TokenBook and LoRA learn, so any change in Dice is what
+    the guide adds to your model."""
+    lr_unet = 0.0
+
+
+# ---- the README demo (./run_demo.sh, scripts/demo.py)
+class nnUNetTrainerGuiDINO_Demo(nnUNetTrainerGuiDINO_CPUSmoke):
+    """The demo's schedule: 4 epochs of 20 iterations on CPU. _CPUSmoke's 36 iterations without mirroring tied with
+    predicting every pixel as head on HC18Tiny (test Dice 0.33); measured on 2026-12-01 (2-core CPU, random DINO
+    weights), this schedule reached test Dice 0.74 and 0.76 in two runs (5 epochs: 0.77-0.80, about 25% more time).
+    Mirroring stays on (augmentation and test-time mirroring): cheap for 4 small 2D test images."""
+    epochs = 4
+    iterations_per_epoch = 20
+    mirroring = True
+
+
+# ---- bf16 autocast instead of nnU-Net's fp16 + GradScaler (GPUs with native bf16: A100, H100, L4, RTX 30xx+;
+# docs/gpu.md). Everything else is the variant named before _bf16.
+from nnunet_dino.training.precision import BF16Mixin  # noqa: E402
+
+
+class nnUNetTrainerGuiDINO_bf16(BF16Mixin, nnUNetTrainerGuiDINO):
+    """GuiDINO (ViT-S/16 + LoRA) trained under bf16 autocast, without a GradScaler (as upstream GuiDINO trained)."""
+
+
+class nnUNetTrainerGuiDINO_frozen_bf16(BF16Mixin, nnUNetTrainerGuiDINO_frozen):
+    pass

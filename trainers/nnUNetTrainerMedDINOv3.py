@@ -81,3 +81,16 @@ class nnUNetTrainerMedDINOv3_vits(nnUNetTrainerMedDINOv3):
 
 class nnUNetTrainerMedDINOv3_vitl(nnUNetTrainerMedDINOv3):
     meddinov3 = replace(MedDINOv3Trainer.meddinov3, dino_arch="dinov3_vitl16")
+
+
+# ---- bf16 autocast instead of nnU-Net's fp16 + GradScaler (GPUs with native bf16: A100, H100, L4, RTX 30xx+;
+# docs/gpu.md). Everything else is the variant named before _bf16.
+from nnunet_dino.training.precision import BF16Mixin  # noqa: E402
+
+
+class nnUNetTrainerMedDINOv3_bf16(BF16Mixin, nnUNetTrainerMedDINOv3):
+    """MedDINOv3 (ViT-B/16, fully fine-tuned) under bf16 autocast, without a GradScaler."""
+
+
+class nnUNetTrainerMedDINOv3_LoRA_bf16(BF16Mixin, nnUNetTrainerMedDINOv3_LoRA):
+    pass

@@ -127,3 +127,21 @@ class nnUNetTrainerSegDINOv2_vitb(nnUNetTrainerSegDINOv2):
 
 class nnUNetTrainerSegDINOv2_vitl(nnUNetTrainerSegDINOv2):
     segdino_v2 = replace(SegDINOv2Trainer.segdino_v2, dino_arch="dinov3_vitl16")
+
+
+# ==================================================================================================== bf16
+# bf16 autocast instead of nnU-Net's fp16 + GradScaler (GPUs with native bf16: A100, H100, L4, RTX 30xx+;
+# docs/gpu.md). Everything else is the variant named before _bf16.
+from nnunet_dino.training.precision import BF16Mixin  # noqa: E402
+
+
+class nnUNetTrainerSegDINO_bf16(BF16Mixin, nnUNetTrainerSegDINO):
+    pass
+
+
+class nnUNetTrainerSegDINOv2_bf16(BF16Mixin, nnUNetTrainerSegDINOv2):
+    pass
+
+
+class nnUNetTrainerSegDINOv2_deepSupervision_bf16(BF16Mixin, nnUNetTrainerSegDINOv2_deepSupervision):
+    pass

@@ -314,7 +314,8 @@ def _dinov2_from_meta_or_timm(state: dict, layout: str, num_heads: int | None = 
     regs = state[regs_key].shape[1] if regs_key in state else 0
     swiglu = "blocks.0.mlp.w12.weight" in state or "blocks.0.mlp.w3.weight" in state
     arch = match_architecture("dinov2", dim, depth, regs, swiglu, state["patch_embed.proj.weight"].shape[-1], num_heads)
-    model = create_vit(arch)  # only for timm's filter, which needs the target's shapes
+    # Only for timm's filter, which reads the target's shapes: on the meta device, never allocated or initialised.
+    model = create_vit(arch, device="meta")
     # timm's filter converts Meta's layout (register tokens outside the position grid, packed SwiGLU) only when it
     # sees Meta's mask_token, which it then drops itself (= _DINOV2_IGNORED): so it must not be removed beforehand.
     out = checkpoint_filter_fn(dict(state), model)  # a copy: timm pops from the dict

@@ -18,29 +18,43 @@ Every mapping is kept in buffers, so checkpoints carry it and prediction reprodu
 Geometry: patches are upsampled (bilinear) so that the short side spans ``min_short_side_tokens`` tokens, then
 zero-padded (the mean in ViT space) at the bottom/right to a multiple of the patch size. Nothing is cropped; the
 helpers below map token maps back onto the original patch grid.
+
+Token budget: the resulting token grid may have at most ``max_tokens`` tokens (default DEFAULT_MAX_TOKENS = 4096,
+``$nnUNet_dino_max_tokens`` or the ``max_tokens`` argument to change it). The upsampling rule alone has no bound: an
+elongated 16x768 patch becomes 256x12288, i.e. 12,288 tokens. Beyond the cap the adapter refuses at construction,
+i.e. when the trainer builds its network in ``initialize`` (before any training) and when the predictor rebuilds it,
+with the patch, the grid, the cap and what to do (TokenBudgetError); see ``DEFAULT_MAX_TOKENS`` for the number.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The token budget is plain arithmetic in a torch-free module (the plans tool checks the same cap); re-exported here,
+# next to the geometry it bounds.
+from .token_budget import (DEFAULT_MAX_TOKENS, MAX_TOKENS_ENV_VAR, TokenBudgetError, check_token_budget,
+                                     max_tokens_setting, token_geometry)
 from .ct_intensity import CT_SCHEME, CTChannelMap, CTIntensity
 from .registry import PIXEL_STATS
 
 # nnU-Net normalisation schemes whose output lies in [0, 1] rather than being standardised.
 UNIT_RANGE_SCHEMES = ("RGBTo0_1Normalization", "RescaleTo01Normalization")
 
+__all__ = ["DEFAULT_MAX_TOKENS", "MAX_TOKENS_ENV_VAR", "UNIT_RANGE_SCHEMES", "DinoInputAdapter", "TokenBudgetError",
+           "check_token_budget", "max_tokens_setting", "token_geometry"]
+
 
 class DinoInputAdapter(nn.Module):
     def __init__(self, in_channels: int, patch_size: int, image_hw: Sequence[int], min_short_side_tokens: int = 16,
                  normalization_schemes: Sequence[str] | None = None, pretraining: str = "lvd1689m",
-                 intensity_properties: Mapping | None = None, ct_intensity: CTIntensity = CTIntensity()):
+                 intensity_properties: Mapping | None = None, ct_intensity: CTIntensity = CTIntensity(),
+                 max_tokens: int | None = None):
         """``intensity_properties``: the plans' foreground_intensity_properties_per_channel, needed for CT channels
-        unless ``ct_intensity.mode == "nnunet"``."""
+        unless ``ct_intensity.mode == "nnunet"``. ``max_tokens``: the token cap (None: $nnUNet_dino_max_tokens, else
+        DEFAULT_MAX_TOKENS); a larger token grid raises TokenBudgetError."""
         super().__init__()
         if len(image_hw) != 2:
             raise ValueError(f"DinoInputAdapter works on 2D patches; got patch size {tuple(image_hw)}. Use the 2d "
@@ -50,10 +64,11 @@ class DinoInputAdapter(nn.Module):
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.image_hw = tuple(int(s) for s in image_hw)
-        scale = max(1.0, min_short_side_tokens * patch_size / min(self.image_hw))
-        self.resized_hw = tuple(int(round(s * scale)) for s in self.image_hw)
-        self.padded_hw = tuple(math.ceil(s / patch_size) * patch_size for s in self.resized_hw)
-        self.token_hw = tuple(s // patch_size for s in self.padded_hw)
+        if min(self.image_hw) < 1:
+            raise ValueError(f"Patch size {self.image_hw} has an empty axis.")
+        check_token_budget(self.image_hw, patch_size, min_short_side_tokens, max_tokens_setting(max_tokens))
+        self.resized_hw, self.padded_hw, self.token_hw = token_geometry(self.image_hw, patch_size,
+                                                                        min_short_side_tokens)
         self.channel_projection = nn.Conv2d(in_channels, 3, 1, bias=False) if in_channels not in (1, 3) else None
         if self.channel_projection is not None:
             nn.init.constant_(self.channel_projection.weight, 1.0 / in_channels)
@@ -113,12 +128,16 @@ class DinoInputAdapter(nn.Module):
         pad_h, pad_w = (p - r for p, r in zip(self.padded_hw, self.resized_hw))
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
+    def padded_grid(self, out_hw: Sequence[int]) -> tuple[int, int]:
+        """The grid over the whole padded ViT input at the resolution at which ``out_hw`` spans the patch: what
+        ``token_map_to`` resamples onto before it drops the padding (networks cap their decoders at it)."""
+        full = tuple(int(round(int(o) * p / r)) for o, p, r in zip(out_hw, self.padded_hw, self.resized_hw))
+        return tuple(max(f, int(o)) for f, o in zip(full, out_hw))
+
     def token_map_to(self, fmap: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
         """Resample a token-grid map onto the original patch grid scaled to ``out_hw`` (dropping the padding)."""
         out_hw = tuple(int(s) for s in out_hw)
-        full = tuple(int(round(o * p / r)) for o, p, r in zip(out_hw, self.padded_hw, self.resized_hw))
-        full = tuple(max(f, o) for f, o in zip(full, out_hw))
-        up = F.interpolate(fmap, size=full, mode="bilinear", align_corners=False)
+        up = F.interpolate(fmap, size=self.padded_grid(out_hw), mode="bilinear", align_corners=False)
         return up[..., : out_hw[0], : out_hw[1]]
 
     def dense_to_tokens(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

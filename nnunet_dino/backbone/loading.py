@@ -80,6 +80,8 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
         if name is None:
             raise ValueError("random_init=True needs an architecture name, e.g. load_backbone('dinov3_vits16', ...).")
         arch = get_architecture(name)
+        # Built on the CPU with timm's init first, exactly as the networks nnU-Net builds, which the trainers then
+        # initialise the same way (nnUNet_dino_weights=random): a seed gives the same backbone on both paths.
         backbone = init_random_dino_weights_(DinoBackbone(arch, drop_path_rate))
         warn_random_init(name)
         backbone.load_report = LoadReport(name, "none", "none", arch.default_pretraining, random_init=True)
@@ -96,7 +98,9 @@ def load_backbone(name: str | None = None, weights: str | os.PathLike | None = N
     if name is not None and canonical.arch.name != name:
         raise WeightFileError(f"{resolved} holds {canonical.arch.name} weights ({canonical.layout} layout), "
                               f"not {name}.")
-    backbone = DinoBackbone(canonical.arch, drop_path_rate)
+    # On the meta device: the file's tensors become the parameters, so the ViT is never randomly initialised (nor
+    # allocated a second time) only to be overwritten; load_canonical checks keys and shapes as strictly as ever.
+    backbone = DinoBackbone(canonical.arch, drop_path_rate, device="meta")
     backbone.load_canonical(canonical)
     backbone.load_report = _report(canonical, resolved)
     log.info(backbone.load_report.describe())

@@ -1,6 +1,7 @@
 """DinoBackbone: a timm ViT of a registered architecture that returns patch-token maps."""
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,11 +39,18 @@ class DinoBackbone(nn.Module):
     final norm: CLS and register tokens are never taken as patches. When frozen, the ViT always runs in eval mode,
     so features are deterministic (timm's DINOv3 has no train-time RoPE jitter; dropout/drop-path are off)."""
 
-    def __init__(self, arch: DinoArchitecture, drop_path_rate: float = 0.0):
+    def __init__(self, arch: DinoArchitecture, drop_path_rate: float = 0.0, device: str | torch.device | None = None):
+        """``device="meta"``: the ViT's parameters have shapes only (create_vit); ``load_canonical`` then assigns the
+        weights' own tensors instead of copying them into randomly initialised ones. Everything that builds a
+        network for nnU-Net (whose checkpoint or weights are copied in later) uses the default, a real CPU build."""
         super().__init__()
         self.arch = arch
-        self.vit = create_vit(arch, drop_path_rate)
+        self.vit = create_vit(arch, drop_path_rate, device=device)
         self.frozen = False
+
+    def meta_tensors(self) -> list[str]:
+        """Names of the ViT's parameters and buffers that have no storage (meta device)."""
+        return [n for n, t in itertools.chain(self.vit.named_parameters(), self.vit.named_buffers()) if t.is_meta]
 
     @property
     def patch_size(self) -> int:
@@ -106,8 +114,26 @@ class DinoBackbone(nn.Module):
                 f"{' ...' if len(unexpected) > 10 else ''}."
             )
         self._check_shapes(target, weights, source)
-        result = self.vit.load_state_dict(target, strict=False)
-        assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys), result
+        if self.meta_tensors():
+            self._assign(target)
+        else:
+            result = self.vit.load_state_dict(target, strict=False)
+            assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys), result
+
+    def _assign(self, target: dict) -> None:
+        """Load into a ViT built on the meta device: the weights' tensors become the parameters (no copy into
+        random values), as tensors of the ViT's own dtype and memory layout that share storage with nothing, i.e.
+        exactly what copying into a CPU-built ViT gives. Anything still on meta afterwards is an error."""
+        model_state = self.vit.state_dict()
+        result = self.vit.load_state_dict(_owned_tensors(target, model_state), strict=False, assign=True)
+        assert not result.unexpected_keys, result
+        left = self.meta_tensors()
+        if left:
+            raise RuntimeError(
+                f"{self.arch.name}: {len(left)} tensor(s) have no values after loading the weights into a ViT built "
+                f"on the meta device: {left[:5]}{' ...' if len(left) > 5 else ''}. The weights cover only the base "
+                f"ViT (e.g. LoRA tensors are never in them): build on the CPU (DinoBackbone(arch)) and load with "
+                f"load_weights_into.")
 
     def _check_shapes(self, target: dict, weights: CanonicalWeights, source: str) -> None:
         """Every tensor must have the shape the architecture gives it; torch's own size-mismatch error names neither
@@ -124,3 +150,17 @@ class DinoBackbone(nn.Module):
                 f"of image channels to the 3 RGB channels itself, with DinoInputAdapter). Use the original weights. "
                 f"{HOW_TO_GET_WEIGHTS}"
             )
+
+
+def _owned_tensors(target: dict, model_state: dict) -> dict:
+    """``target``'s tensors converted to the dtype of the model's entry and made contiguous; a tensor that would
+    share storage with another (views of one fused tensor, e.g. q/k/v split from Meta's qkv) or that is a part of
+    a larger storage is copied, so that every parameter owns its storage, as after load_state_dict's copy."""
+    out, seen = {}, set()
+    for k, v in target.items():
+        v = v.to(dtype=model_state[k].dtype).contiguous()
+        storage = v.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != v.numel() * v.element_size()
+        out[k] = v.clone() if shared else v
+        seen.add(out[k].untyped_storage().data_ptr())
+    return out

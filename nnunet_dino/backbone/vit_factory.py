@@ -1,6 +1,7 @@
 """Building the ViT of a registered architecture on timm's implementation, in our canonical layout."""
 from __future__ import annotations
 
+import contextlib
 import types
 
 import timm
@@ -11,11 +12,17 @@ from timm.layers import resample_abs_pos_embed
 from .registry import DinoArchitecture
 
 
-def create_vit(arch: DinoArchitecture, drop_path_rate: float = 0.0) -> nn.Module:
+def create_vit(arch: DinoArchitecture, drop_path_rate: float = 0.0, device: str | torch.device | None = None
+               ) -> nn.Module:
     """A randomly initialised timm ViT for ``arch`` without classifier head.
 
     DINOv3: separate q/k/v projections with q/v bias (see formats.py for why). DINOv2: built for Meta's 518px
-    position grid and interpolated to other sizes on the fly (dynamic_img_size)."""
+    position grid and interpolated to other sizes on the fly (dynamic_img_size).
+
+    ``device="meta"``: every parameter without storage, so nothing is allocated or randomly initialised (timm's
+    init runs on shapes only): for code that needs shapes, or that assigns the weights of a file
+    (DinoBackbone.load_canonical). timm computes DINOv3's RoPE periods (a non-persistent buffer, in no weight file)
+    on the CPU explicitly, so they are real either way; DinoBackbone checks that nothing is left on meta."""
     kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
     if arch.family == "dinov3":
         # The RoPE base is passed, not left to timm's default, so that the periods the model computes are the ones
@@ -23,7 +30,8 @@ def create_vit(arch: DinoArchitecture, drop_path_rate: float = 0.0) -> nn.Module
         kwargs.update(qkv_fused=False, qkv_bias=True, rope_temperature=arch.rope_base)
     else:
         kwargs.update(img_size=518, dynamic_img_size=True)
-    model = timm.create_model(arch.timm_name, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = timm.create_model(arch.timm_name, **kwargs)
     if arch.family == "dinov2" and arch.num_registers == 0:
         model._pos_embed = types.MethodType(_dinov2_pos_embed, model)
     return model

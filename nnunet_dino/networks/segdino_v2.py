@@ -4,6 +4,17 @@ TPA turns the four single-scale taps into a pseudo pyramid: per tap a 1x1 projec
 upsample by 8/4/2/1 (shallowest tap to the finest scale) and a 3x3 conv, giving l1..l4 at H/2, H/4, H/8, H/16 of
 the ViT input.
 
+Decoding resolution (``max_decode_resolution``): nnU-Net's small patches are upsampled for the ViT (Hippocampus:
+56x40 -> 368x256), so H/2 of the ViT input can be far finer than the patch (184x128, 10x its pixels), and every
+pixel decoded beyond the patch's own resolution is resampled away again at the end. With "patch" (the default) no
+level is finer than the patch: each level's grid is capped, per axis, at the padded ViT input expressed at the
+patch's resolution (``DinoInputAdapter.padded_grid``: 58x40 for Hippocampus, so l1 and l2 are both 58x40, l3 46x32,
+l4 23x16); a level is never made coarser than its own token grid. The output keeps the patch size and the same
+final resampling. Parameter-free: the modules and their weights are the same for both settings, so checkpoints
+load strictly either way, but a network trained with one setting was trained on other feature maps than the other
+computes. Patches the adapter does not enlarge decode exactly as before (the cap is never reached there).
+"vit_input" is the former behaviour (levels at H/2 ... H/16 of the ViT input whatever the patch).
+
 SAD decodes it with residual depthwise blocks (dw 3x3 -> pw 1x1 -> GroupNorm -> GELU, output x + gamma * r with a
 scalar gamma initialised to 0, so every block starts as the identity): one intra-scale block per level, then
 top-down x4 = blk(l4), x_k = blk(up(x_{k+1}) + l_k) for k = 3, 2, 1; a 1x1 head on x1 (H/2) and a resize to the
@@ -30,17 +41,22 @@ import torch.nn.functional as F
 from .dino_taps import DinoEncoderConfig, DinoTapEncoder
 
 TPA_UPSAMPLING = (8, 4, 2, 1)  # tap 1 (shallowest) -> H/2, ..., tap 4 (deepest) -> H/16
+DECODE_RESOLUTIONS = ("patch", "vit_input")  # see module doc
 
 
 @dataclass(frozen=True)
 class SegDINOv2Config(DinoEncoderConfig):
     width: int = 256  # d
     deep_supervision: bool = False
+    max_decode_resolution: str = "patch"  # one of DECODE_RESOLUTIONS (module doc)
 
     def __post_init__(self):
         super().__post_init__()
         if self.width < 1:
             raise ValueError(f"width must be positive, got {self.width}.")
+        if self.max_decode_resolution not in DECODE_RESOLUTIONS:
+            raise ValueError(f"max_decode_resolution must be one of {DECODE_RESOLUTIONS}, got "
+                             f"{self.max_decode_resolution!r}.")
 
 
 def nnunet_deep_supervision_shapes(patch_size: Sequence[int], pool_op_kernel_sizes: Sequence[Sequence[int]]
@@ -72,16 +88,26 @@ class TokenPyramidAdaptation(nn.Module):
         self.project = nn.ModuleList(nn.Conv2d(embed_dim, width, 1) for _ in TPA_UPSAMPLING)
         self.refine = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in TPA_UPSAMPLING)
 
-    def forward(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Four token-grid maps -> [l1 (H/2), l2 (H/4), l3 (H/8), l4 (H/16)]."""
+    def forward(self, taps: Sequence[torch.Tensor], max_hw: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Four token-grid maps -> [l1 (H/2), l2 (H/4), l3 (H/8), l4 (H/16)], no level finer than ``max_hw`` per
+        axis (None: no cap)."""
         levels = []
         for tap, factor, project, refine in zip(taps, TPA_UPSAMPLING, self.project, self.refine):
             y = project(tap)
-            if factor != 1:
-                y = F.interpolate(y, size=(tap.shape[-2] * factor, tap.shape[-1] * factor), mode="bilinear",
-                                  align_corners=False)
+            size = level_size(tap.shape[-2:], factor, max_hw)
+            if size != tuple(tap.shape[-2:]):
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             levels.append(refine(y))
         return levels
+
+
+def level_size(token_hw: Sequence[int], factor: int, max_hw: Sequence[int] | None) -> tuple[int, int]:
+    """The grid of a pyramid level: ``factor`` x the token grid, capped per axis at ``max_hw`` but never below the
+    token grid itself (a level is only ever upsampled from its tap, never shrunk)."""
+    size = tuple(int(t) * factor for t in token_hw)
+    if max_hw is None:
+        return size
+    return tuple(max(min(s, int(m)), int(t)) for s, m, t in zip(size, max_hw, token_hw))
 
 
 class ScaleAwareDecoder(nn.Module):
@@ -105,9 +131,18 @@ class SegDINOv2(nn.Module):
     nnU-Net's deep-supervision shapes (full resolution first)."""
 
     def __init__(self, encoder: DinoTapEncoder, width: int, num_classes: int,
-                 deep_supervision_shapes: Sequence[Sequence[int]] | None):
+                 deep_supervision_shapes: Sequence[Sequence[int]] | None, max_decode_resolution: str = "patch"):
         super().__init__()
+        if max_decode_resolution not in DECODE_RESOLUTIONS:
+            raise ValueError(f"max_decode_resolution must be one of {DECODE_RESOLUTIONS}, got "
+                             f"{max_decode_resolution!r}.")
         self.encoder = encoder
+        self.max_decode_resolution = max_decode_resolution
+        # In the state dict, so a checkpoint says how it was decoded: the setting changes outputs, not weights, and
+        # older checkpoints (without this key) decoded at the ViT input's size (training/checkpoints.py refuses them).
+        self.register_buffer("decode_at_patch_resolution",  # uint8: every DDP backend broadcasts it
+                             torch.tensor(int(max_decode_resolution == "patch"), dtype=torch.uint8))
+        self.level_cap = encoder.adapter.padded_grid(encoder.patch_hw) if max_decode_resolution == "patch" else None
         self.token_pyramid = TokenPyramidAdaptation(encoder.embed_dim, width)
         # Not called 'decoder': nnU-Net's stock set_deep_supervision_enabled would silently set a flag on it.
         self.scale_aware_decoding = ScaleAwareDecoder(width)
@@ -140,7 +175,7 @@ class SegDINOv2(nn.Module):
         self._deep_supervision = bool(enabled)
 
     def forward(self, x: torch.Tensor):
-        decoded = self.scale_aware_decoding(self.token_pyramid(self.encoder(x)))
+        decoded = self.scale_aware_decoding(self.token_pyramid(self.encoder(x), self.level_cap))
         out = self.encoder.to_patch_grid(self.head(decoded[0]), x.shape[-2:])
         if not self._deep_supervision:
             return out
@@ -165,6 +200,6 @@ def build_segdino_v2(config: SegDINOv2Config, num_input_channels: int, num_outpu
         if pool_op_kernel_sizes is None:
             raise ValueError("SegDINOv2 with deep supervision needs the plans' pool_op_kernel_sizes.")
         shapes = nnunet_deep_supervision_shapes(patch_size, pool_op_kernel_sizes)
-    network = SegDINOv2(encoder, config.width, num_outputs, shapes)
+    network = SegDINOv2(encoder, config.width, num_outputs, shapes, config.max_decode_resolution)
     network.deep_supervision = enable_deep_supervision and config.deep_supervision
     return network

@@ -13,9 +13,15 @@ MedDINOv3 trains on the same field of view resampled to a larger patch (896x896 
 - ``data_identifier``: ``<plans name>_<configuration name>``, so the stock preprocessor writes a new folder.
 - ``nnunet_dino_highres``: a record of how the configuration was derived (ignored by nnU-Net).
 
+The new patch may give the ViT at most the DINO trainers' token cap (4096 tokens by default,
+``$nnUNet_dino_max_tokens``; see nnunet_dino.backbone.token_budget): a larger one would be refused by every DINO
+trainer when it builds its network, so it is refused here, before preprocessing writes data at that size.
+
 Everything is validated before anything is written; the file is replaced atomically (temporary file in the same
 folder + os.replace) after the result has been read back and resolved by nnU-Net's own PlansManager, and the previous
-file is kept as a timestamped backup. A refusal (HighResPlansError) leaves the file byte-for-byte unchanged.
+file is kept as a timestamped backup. A refusal (HighResPlansError) leaves the file byte-for-byte unchanged, and so
+does a failed write (a read-only folder, a full disk): it is reported as a HighResPlansError naming the file and the
+reason, with no backup or temporary file left behind.
 """
 from __future__ import annotations
 
@@ -128,6 +134,10 @@ def _target_patch(source_patch: list[int], request: HighResRequest) -> list[int]
         raise HighResPlansError(f"Give one size N (long side, aspect kept) or two sizes H W, got {sizes}.")
     bad = [s for s in sizes if s < m or s % m]
     if bad:
+        rounded = [max(m, round(s / m) * m) for s in sizes]
+        if len(rounded) == 2 or rounded[0] > max(source_patch):  # an absurd size: say that, not "use 1600000"
+            _check_tokens(rounded if len(rounded) == 2 else _long_side_patch(source_patch, rounded[0], m),
+                          source_patch, request)
         raise HighResPlansError(
             f"Size(s) {bad} are not positive multiples of the ViT patch {m}: the ViT sees whole {m}x{m} patches and "
             f"the DINO trainers would otherwise pad. Use e.g. {max(m, round(bad[0] / m) * m)} "
@@ -146,16 +156,58 @@ def _target_patch(source_patch: list[int], request: HighResRequest) -> list[int]
             raise HighResPlansError(
                 f"Size {sizes[0]} is not larger than the long side of the source patch "
                 f"{'x'.join(map(str, source_patch))}: this command adds higher-resolution configurations.")
-        factor = sizes[0] / max(source_patch)
-        new = []
-        for s in source_patch:
-            n = max(m, int(round(s * factor / m)) * m)
-            new.append(n + m if n < s else n)  # rounding must not shrink an axis below the source
+        new = _long_side_patch(source_patch, sizes[0], m)
     if any(n < s for n, s in zip(new, source_patch)) or list(new) == list(source_patch):
         raise HighResPlansError(
             f"Patch {'x'.join(map(str, new))} is not larger than the source patch "
             f"{'x'.join(map(str, source_patch))}: this command adds higher-resolution configurations.")
+    _check_tokens(new, source_patch, request)
     return [int(n) for n in new]
+
+
+def _long_side_patch(source_patch: list[int], size: int, m: int) -> list[int]:
+    """The patch for one size N: the long side becomes N, the other axis is scaled alike (multiple of ``m``,
+    never below the source)."""
+    factor = size / max(source_patch)
+    new = []
+    for s in source_patch:
+        n = max(m, int(round(s * factor / m)) * m)
+        new.append(n + m if n < s else n)  # rounding must not shrink an axis below the source
+    return new
+
+
+def _tokens(patch: list[int], m: int) -> int:
+    return math.prod(p // m for p in patch)
+
+
+def _check_tokens(new: list[int], source_patch: list[int], request: HighResRequest) -> None:
+    """Refuse a patch with more ViT tokens than the DINO trainers' cap: they would refuse it at network
+    construction, after nnUNetv2_preprocess had written all the data at that size (E11: --size 1600000 went through
+    and only failed later, at preprocessing). The cap is the trainers' own, so the two cannot disagree."""
+    from ..backbone.token_budget import MAX_TOKENS_ENV_VAR, max_tokens_setting
+
+    try:
+        m, cap = request.patch_multiple, max_tokens_setting()
+    except ValueError as e:  # a malformed $nnUNet_dino_max_tokens
+        raise HighResPlansError(str(e)) from None
+    tokens = _tokens(new, m)
+    if tokens <= cap:
+        return
+    largest = None
+    if len(request.sizes) == 1:  # the largest long side that fits, for the message
+        for size in range(max(source_patch) + m - max(source_patch) % m, m * cap + 1, m):
+            if _tokens(_long_side_patch(source_patch, size, m), m) > cap:
+                break
+            largest = size
+    hint = (f"--size {largest} is the largest long side that fits" if largest is not None else
+            "choose a smaller --size")
+    raise HighResPlansError(
+        f"Patch {'x'.join(map(str, new))} would give the ViT {new[0] // m}x{new[1] // m} = {tokens:,} tokens of "
+        f"{m} px, more than the DINO trainers' cap of {cap:,} tokens ({MAX_TOKENS_ENV_VAR}; attention memory and "
+        f"time grow with the square of the token count): they would refuse it when building the network, after "
+        f"nnUNetv2_preprocess had written every case at {math.prod(new) / math.prod(source_patch):,.0f}x the pixels of "
+        f"{request.source!r}. Was the size a typo? {hint[0].upper() + hint[1:]} (source patch "
+        f"{'x'.join(map(str, source_patch))}); or raise the cap with {MAX_TOKENS_ENV_VAR} if the memory is there.")
 
 
 def derive_highres_configuration(plans: dict, request: HighResRequest) -> tuple[str, dict, list[str]]:
@@ -238,11 +290,16 @@ def derive_highres_configuration(plans: dict, request: HighResRequest) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _read_plans(plans_file: Path) -> dict:
+def _read_plans(plans_file: Path) -> tuple[dict, bytes]:
+    """The parsed plans and their exact bytes (to detect a concurrent change before replacing the file)."""
     if not plans_file.is_file():
         raise HighResPlansError(f"No plans file {plans_file}. Run nnUNetv2_plan_and_preprocess -d ID -c 2d first.")
     try:
-        return json.loads(plans_file.read_text())
+        original = plans_file.read_bytes()
+    except OSError as e:
+        raise HighResPlansError(f"Cannot read {plans_file}: {e.strerror or e}.") from e
+    try:
+        return json.loads(original.decode()), original
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HighResPlansError(f"{plans_file} is not valid JSON ({e}); refusing to touch it.") from None
 
@@ -257,16 +314,27 @@ def _check_resolves(plans: dict, name: str, configuration: dict) -> None:
 def add_highres_configuration(plans_file: str | os.PathLike, request: HighResRequest) -> HighResResult:
     """Add (or, with overwrite, replace) the configuration in ``plans_file``. See the module doc."""
     plans_file = Path(plans_file)
-    plans = _read_plans(plans_file)
-    original = plans_file.read_bytes()
+    plans, original = _read_plans(plans_file)
     name, configuration, notes = derive_highres_configuration(plans, request)
     updated = copy.deepcopy(plans)
     updated["configurations"][name] = configuration
     _check_resolves(updated, name, configuration)
+    backup = _write_atomically(plans_file, original, updated, name, configuration)
+    return HighResResult(plans_file, name, configuration, backup, notes)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{plans_file.name}.", suffix=".tmp", dir=plans_file.parent)
-    tmp = Path(tmp_name)
+
+def _write_atomically(plans_file: Path, original: bytes, updated: dict, name: str, configuration: dict) -> Path:
+    """Temporary file, read back, backup, os.replace (module doc). Any failure removes what this function created
+    (the temporary file, the backup: the original is still in place, unchanged) and an OSError (read-only folder,
+    full disk, permissions) becomes a HighResPlansError saying which step on which file failed and why."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    backup = plans_file.with_name(f"{plans_file.name}.{stamp}.bak")
+    tmp: Path | None = None
+    step = f"creating a temporary file in {plans_file.parent}"
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{plans_file.name}.", suffix=".tmp", dir=plans_file.parent)
+        tmp = Path(tmp_name)
+        step = f"writing the temporary file {tmp}"
         with os.fdopen(fd, "w") as f:
             json.dump(updated, f, indent=4, sort_keys=False)  # nnU-Net's own save_json format
             f.flush()
@@ -275,11 +343,28 @@ def add_highres_configuration(plans_file: str | os.PathLike, request: HighResReq
         _check_resolves(json.loads(tmp.read_text()), name, configuration)  # what is on disk is what nnU-Net will read
         if plans_file.read_bytes() != original:
             raise HighResPlansError(f"{plans_file} changed while this command ran; nothing written. Run it again.")
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        backup = plans_file.with_name(f"{plans_file.name}.{stamp}.bak")
+        step = f"writing the backup {backup}"
         shutil.copy2(plans_file, backup)
+        step = f"replacing {plans_file}"
         os.replace(tmp, plans_file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if backup.exists() and _still(plans_file, original):  # the replace did not happen: drop our copy
+            backup.unlink()
+        if isinstance(e, OSError):
+            raise HighResPlansError(
+                f"Cannot write the plans: {step} failed: {e.strerror or e}"
+                f"{f' ({e.filename})' if e.filename else ''}. The plans file {plans_file} is unchanged. Make its "
+                f"folder writable (and check the disk space), or copy the plans file somewhere writable and pass "
+                f"--plans-file.") from e
         raise
-    return HighResResult(plans_file, name, configuration, backup, notes)
+    return backup
+
+
+def _still(plans_file: Path, original: bytes) -> bool:
+    """Whether ``plans_file`` still holds ``original`` (False if it cannot be read: then keep the backup)."""
+    try:
+        return plans_file.read_bytes() == original
+    except OSError:
+        return False

@@ -4,6 +4,8 @@ Everything configurable is a class attribute; trainer variants (trainers/) overr
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -13,12 +15,14 @@ from torch import autocast
 
 from ..backbone import DinoBackbone, LoadReport, lora_parameters, plans_intensity_properties
 from ..networks import GuiDINOConfig, build_guided_unet
+from .checkpoints import install_checkpoint_hooks
 from .dino_trainer_base import DinoTrainerBase, unwrap
 from .groupwise_optimizer import GroupwiseOptimizer
 from .guide_reliance import ABLATIONS, ablated_guides, hard_counts, mean_dice
 from .guidino_loss import TERMS, GuiDINOLoss
-from .progress_logger import ExtraTermsLogger
+from .progress_logger import ExtraTermsLogger, log_group_learning_rates, weight_label
 from .schedules import GroupPolyLRScheduler
+from .unet_init import INIT_UNET_ENV_VAR, init_unet_from_stock
 
 # Pseudo Dice a replaced guide must cost before the end-of-training note says the network uses DINO.
 RELIANCE_NOTICE_LEVEL = 0.01
@@ -38,12 +42,22 @@ class GuiDINOTrainer(DinoTrainerBase):
     lr_guidance: float = 1e-3  # with "sgd": 1e-2
     lr_lora: float = 5e-4  # with "sgd": 1e-3
     guidance_weight_decay: float = 1e-4
+    # Starting the U-Net from the user's own stock nnU-Net model (training/unet_init.py, docs/guidino.md). None reads
+    # $nnUNet_dino_init_unet, as DINO weights read theirs: stock nnUNetv2_train needs no new flag, and a variant can
+    # still hard-wire a model folder or file here.
+    init_unet: str | None = None
+    require_init_unet: bool = False  # the _fromStock variants: their schedule only makes sense from a trained U-Net
+    lr_unet: float | None = None  # the U-Net's ("segmentation") group; None: nnU-Net's initial_lr (1e-2)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.lr_unet is not None:  # nnU-Net's __init__ sets initial_lr on the instance: a class attribute can't
+            self.initial_lr = self.lr_unet
         reliance_terms = tuple(f"guide_reliance_{a}" for a in ABLATIONS)
-        self.logger.local_logger = ExtraTermsLogger(TERMS, val_only_terms=reliance_terms)
+        self.logger.local_logger = ExtraTermsLogger(TERMS, val_only_terms=reliance_terms,
+                                                    term_weights=self.loss_term_weights())
+        self._loss_weights_logged = False
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -52,15 +66,36 @@ class GuiDINOTrainer(DinoTrainerBase):
         # variant's configuration rebuilds exactly the trained structure.
         unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
-        return build_guided_unet(unet, cls.guidino, num_input_channels, num_output_channels,
-                                 configuration_manager.patch_size, configuration_manager.normalization_schemes,
-                                 plans_intensity_properties(plans_manager))
+        return install_checkpoint_hooks(build_guided_unet(
+            unet, cls.guidino, num_input_channels, num_output_channels, configuration_manager.patch_size,
+            configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager)))
+
+    @classmethod
+    def dino_architecture_names(cls) -> list[str]:
+        return [cls.guidino.dino_arch]
 
     def dino_backbones(self) -> list[DinoBackbone]:
         return [unwrap(self.network).guidance.backbone]
 
     def on_backbone_loaded(self, backbone: DinoBackbone, report: LoadReport) -> None:
         unwrap(self.network).guidance.adapter.set_pretraining(report.pretraining)
+
+    def on_train_start(self):
+        # Fresh runs only: a resumed run's checkpoint holds the U-Net it trained (the stock start is in its
+        # unet_init.json); --val never gets here. Before the DINO weights and the data: a wrong model fails at once.
+        if not self.was_initialized:
+            self.initialize()
+        if not self._network_from_checkpoint:
+            self._unet_init = init_unet_from_stock(self)
+        elif self.init_unet or os.environ.get(INIT_UNET_ENV_VAR):
+            self.print_to_log_file(f"Resuming: the U-Net comes from this run's checkpoint; the stock model setting "
+                                   f"({INIT_UNET_ENV_VAR} / init_unet) is not used.")
+        super().on_train_start()
+
+    def extra_provenance(self) -> dict:
+        record = getattr(self, "_unet_init", None)  # travels with the checkpoint, unlike unet_init.json
+        return {"unet_init": {k: record[k] for k in ("checkpoint", "sha256", "checkpoint_trainer", "checkpoint_fold")}
+                } if record else {}
 
     def _build_loss(self):
         lm = self.label_manager
@@ -118,6 +153,19 @@ class GuiDINOTrainer(DinoTrainerBase):
             out.update({f"{name}_{k}_hard": v for k, v in zip(("tp", "fp", "fn"), counts)})
         return out
 
+    def loss_term_weights(self) -> dict[str, float]:
+        """Each logged term's weight in the total loss (GuiDINOLoss: seg + w_guide * guide + w_hinge * hinge)."""
+        return {"seg_loss": 1.0, "guide_loss": self.guide_loss_weight, "hinge_loss": self.hinge_loss_weight}
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # nnU-Net steps the scheduler and logs group 0's rate as 'lrs'
+        if not self._loss_weights_logged:  # once per process: fresh and resumed runs both state it
+            formula = self.logger.local_logger.total_loss_formula()
+            self.print_to_log_file(f"Loss-term weights: {formula} (hinge margin {self.hinge_margin:g}); the loss "
+                                   f"terms logged each epoch are unweighted.")
+            self._loss_weights_logged = True
+        log_group_learning_rates(self)
+
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         self._log_terms("train", train_outputs)
@@ -161,7 +209,9 @@ class GuiDINOTrainer(DinoTrainerBase):
         means = {t: float(np.mean([o[t] for o in outputs])) for t in TERMS}
         for term, value in means.items():
             self.logger.log(f"{phase}_{term}", value, self.current_epoch)
-        self.print_to_log_file(f"{phase} loss terms: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        weights = self.loss_term_weights()
+        self.print_to_log_file(f"{phase} loss terms: " + ", ".join(
+            f"{k} {v:.4f} ({weight_label(weights[k])})" for k, v in means.items()))
 
 
 def _all_gather(array: np.ndarray) -> list[np.ndarray]:

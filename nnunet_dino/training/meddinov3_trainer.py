@@ -9,7 +9,9 @@ import torch
 
 from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.meddinov3 import MedDINOv3Config, build_meddinov3
+from .checkpoints import install_checkpoint_hooks
 from .dino_trainer_base import DinoTrainerBase, unwrap
+from .progress_logger import ExtraTermsLogger, log_group_learning_rates
 from .schedules import GroupPolyLRScheduler
 
 
@@ -29,6 +31,8 @@ class MedDINOv3Trainer(DinoTrainerBase):
         self.enable_deep_supervision = False
         self.initial_lr = self.lr_decoder
         self.weight_decay = self.adamw_weight_decay
+        # nnU-Net's logger plots group 0's rate only; this one logs and plots every group's (lr_<name>).
+        self.logger.local_logger = ExtraTermsLogger()
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -36,9 +40,13 @@ class MedDINOv3Trainer(DinoTrainerBase):
         # nnU-Net's signature, as a classmethod: the predictor calls it on the class stored in the checkpoint, so a
         # variant's configuration rebuilds exactly the trained structure. enable_deep_supervision is accepted for that
         # signature only: the network always has a single output (MedDINOv3 has no deep supervision).
-        return build_meddinov3(cls.meddinov3, num_input_channels, num_output_channels,
-                               configuration_manager.patch_size, configuration_manager.normalization_schemes,
-                               plans_intensity_properties(plans_manager))
+        return install_checkpoint_hooks(build_meddinov3(
+            cls.meddinov3, num_input_channels, num_output_channels, configuration_manager.patch_size,
+            configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager)))
+
+    @classmethod
+    def dino_architecture_names(cls) -> list[str]:
+        return [cls.meddinov3.dino_arch]
 
     def initialize(self):
         if self.enable_deep_supervision:
@@ -76,3 +84,7 @@ class MedDINOv3Trainer(DinoTrainerBase):
                                       weight_decay=self.adamw_weight_decay)
         # linear decay to 0 (the paper) = nnU-Net's poly schedule with exponent 1, per group from its own lr
         return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs, exponent=1.0)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # steps the scheduler
+        log_group_learning_rates(self)

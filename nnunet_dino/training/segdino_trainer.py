@@ -16,7 +16,9 @@ import torch
 from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.segdino import SegDINOConfig, build_segdino
 from ..networks.segdino_v2 import SegDINOv2Config, build_segdino_v2
+from .checkpoints import install_checkpoint_hooks
 from .dino_trainer_base import DinoTrainerBase, unwrap
+from .progress_logger import ExtraTermsLogger, log_group_learning_rates
 from .schedules import GroupPolyLRScheduler
 
 
@@ -32,6 +34,8 @@ class SegDINOTrainerBase(DinoTrainerBase):
         self.initial_lr = self.lr_head  # what nnU-Net logs as the learning rate (group 0: the head)
         self.weight_decay = self.adamw_weight_decay
         self.enable_deep_supervision = self.network_has_deep_supervision()
+        # nnU-Net's logger plots group 0's rate only; this one logs and plots every group's (lr_<name>).
+        self.logger.local_logger = ExtraTermsLogger()
 
     @classmethod
     def network_has_deep_supervision(cls) -> bool:
@@ -70,6 +74,10 @@ class SegDINOTrainerBase(DinoTrainerBase):
         optimizer = torch.optim.AdamW(groups, lr=self.lr_head, weight_decay=self.weight_decay)
         return optimizer, GroupPolyLRScheduler(optimizer, self.num_epochs)
 
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # steps the scheduler
+        log_group_learning_rates(self)
+
     # -------------------------------------------------------------------------------- deep supervision
     def set_deep_supervision_enabled(self, enabled: bool):
         # nnU-Net calls this before training (with enable_deep_supervision), and with False / True around its final
@@ -86,8 +94,13 @@ class SegDINOTrainer(SegDINOTrainerBase):
         # A classmethod (nnU-Net's is static): the predictor calls it on the class stored in the checkpoint, so a
         # variant's configuration rebuilds exactly the trained structure. SegDINO (v1) has a single output whatever
         # enable_deep_supervision says.
-        return build_segdino(cls.segdino, num_input_channels, num_output_channels, configuration_manager.patch_size,
-                             configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager))
+        return install_checkpoint_hooks(build_segdino(
+            cls.segdino, num_input_channels, num_output_channels, configuration_manager.patch_size,
+            configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager)))
+
+    @classmethod
+    def dino_architecture_names(cls) -> list[str]:
+        return [cls.segdino.dino_arch]
 
 
 class SegDINOv2Trainer(SegDINOTrainerBase):
@@ -102,7 +115,11 @@ class SegDINOv2Trainer(SegDINOTrainerBase):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
         # Auxiliary heads exist whenever the configuration has deep supervision (strict loading in the predictor,
         # which passes enable_deep_supervision=False); the flag only switches the extra outputs on.
-        return build_segdino_v2(cls.segdino_v2, num_input_channels, num_output_channels,
-                                configuration_manager.patch_size, configuration_manager.normalization_schemes,
-                                configuration_manager.pool_op_kernel_sizes, enable_deep_supervision,
-                                intensity_properties=plans_intensity_properties(plans_manager))
+        return install_checkpoint_hooks(build_segdino_v2(
+            cls.segdino_v2, num_input_channels, num_output_channels, configuration_manager.patch_size,
+            configuration_manager.normalization_schemes, configuration_manager.pool_op_kernel_sizes,
+            enable_deep_supervision, intensity_properties=plans_intensity_properties(plans_manager)))
+
+    @classmethod
+    def dino_architecture_names(cls) -> list[str]:
+        return [cls.segdino_v2.dino_arch]
