@@ -18,7 +18,6 @@ Checkpoints are session-scoped: each real-size architecture is built once per te
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,10 @@ import torch.nn as nn
 
 # One thread by default: on a small shared machine two contending OpenMP threads ran ~8x slower than one.
 torch.set_num_threads(int(os.environ.get("NNUNET_DINO_TEST_THREADS", "1")))
+# The same for the plugin's trainings in subprocesses (nnUNetv2_train -device cpu would take every core), which
+# run_tests.sh's two pytest workers would otherwise oversubscribe. nnUNetv2_predict already runs on
+# nnUNet_def_n_proc (1 here) threads.
+os.environ.setdefault("nnUNet_dino_cpu_threads", os.environ.get("NNUNET_DINO_TEST_THREADS", "1"))
 
 # A non-square input: 2x3 tokens for DINOv3 (patch 16), 2x3 tokens for DINOv2 (patch 14).
 DINOV3_INPUT_HW = (32, 48)
@@ -182,15 +185,9 @@ def meta_dinov2_state(hf_model, sd: dict) -> dict:
     return out
 
 
-def save_meta_named(state: dict, folder: Path, prefix: str) -> Path:
-    """torch.save, then rename to Meta's convention <prefix>-<first 8 hex of sha256>.pth."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{prefix}.partial"
-    torch.save(state, tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    final = folder / f"{prefix}-{digest[:8]}.pth"
-    tmp.rename(final)
-    return final
+# Meta's naming (<prefix>-<first 8 hex of the sha256>.pth), written atomically: the package's own writer, which
+# nnUNetv2_dino_pretrain uses for its output (only the name and the hash; the key layouts above stay independent).
+from nnunet_dino.backbone.meta_export import save_meta_named  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- timm layouts

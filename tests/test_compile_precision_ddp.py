@@ -47,13 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = list(helpers.FAMILIES)
 MODES = ("eager", "compiled")
 STEPS = 3
-# nnU-Net's own U-Net leaves its lowest-resolution segmentation layer out of the loss (deep-supervision weight 0,
-# 1e-6 only in DDP without compile): stock nnUNetTrainer does the same. Not a parameter of this plugin.
-# Heads of the output nnU-Net's deep supervision weights 0 (its coarsest; 1e-6 only under eager DDP, to avoid DDP's
-# unused-parameter error): nnU-Net's own U-Net has one (seg_layers.0), and so does SegDINOv2 with deep supervision,
-# which maps its levels onto nnU-Net's outputs (aux_heads.1 on these plans: the head of the last output). Left as
-# nnU-Net designs it; not building that head would change the module structure (open in issue 11).
-NNUNET_OWN_UNUSED = ("unet.decoder.seg_layers.0.", "aux_heads.1.")
+# nnU-Net's own U-Net leaves the head of its coarsest output out of the loss (deep-supervision weight 0; 1e-6 only
+# in DDP without compile, to avoid DDP's unused-parameter error): stock nnUNetTrainer does the same, so GuiDINO,
+# which keeps nnU-Net's network, inherits it. Not a parameter of this plugin. (SegDINOv2 builds no head for that
+# output: networks/segdino_v2.py.)
+NNUNET_OWN_UNUSED = ("unet.decoder.seg_layers.0.",)
 
 
 # ============================================================================================ DDP + torch.compile

@@ -20,7 +20,7 @@ from nnunet_dino.training.checkpoints import PROVENANCE_KEY
 REPO = Path(__file__).resolve().parents[1]
 RAW = REPO / "datasets" / "nnUNet_raw"
 
-TRAINER = "nnUNetTrainerGuiDINO_CPUSmoke"
+TRAINER = "nnUNetTrainerGuiDINO_CPUPipeline"  # pipeline checks only: HippoTiny gets no Dice floor
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +60,8 @@ def test_plugin_trainer_ran_and_logged_its_terms(hippo):
     log_text = sorted(fold.glob("training_log_*.txt"))[0].read_text()  # the first training (a later test resumes)
     assert log_text.count("guide reliance (pseudo Dice lost with the guide replaced)") == len(logged["train_losses"])
     assert "Guide reliance at the last epoch" in log_text
+    threads = hippo["env"]["nnUNet_dino_cpu_threads"]  # conftest caps the subprocess trainings (default 1)
+    assert f"CPU threads: {threads} (nnUNet_dino_cpu_threads)." in log_text
     keys = ckpt["network_weights"].keys()
     assert any("lora_A" in k for k in keys) and any("tokenbook.prototypes" in k for k in keys)
 

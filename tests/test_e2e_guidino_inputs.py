@@ -21,7 +21,8 @@ from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 
 from nnunet_dino.cli.stock_pipeline import command, evaluate, nnunet_environment, run, train
 
-TRAINER = "nnUNetTrainerGuiDINO_CPUSmoke"
+TRAINER = "nnUNetTrainerGuiDINO_CPUPipeline"  # seconds: where only the pipeline is checked, never Dice
+LEARNING_TRAINER = "nnUNetTrainerGuiDINO_CPUSmoke"  # 36 iterations: enough to find HC18's fetal heads
 
 pytestmark = pytest.mark.e2e
 
@@ -30,25 +31,27 @@ def _dataset_folder(raw_root: Path, dataset_id: str) -> Path:
     return next(p for p in raw_root.iterdir() if p.name.startswith(f"Dataset{dataset_id}_"))
 
 
-def _predict(dataset: str, images: Path, out: Path, env: dict, plans: str = "nnUNetPlans") -> None:
-    run([command("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", dataset, "-c", "2d", "-tr", TRAINER,
+def _predict(dataset: str, images: Path, out: Path, env: dict, plans: str = "nnUNetPlans",
+             trainer: str = TRAINER) -> None:
+    run([command("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", dataset, "-c", "2d", "-tr", trainer,
          "-p", plans, "-f", "0", "-device", "cpu"], env)
 
 
-@pytest.mark.parametrize("dataset,raw_root,channels", [("992", BUNDLED_RAW, 1), ("991", SHARED_RAW, 3)],
+@pytest.mark.parametrize("dataset,raw_root,channels,trainer", [("992", BUNDLED_RAW, 1, LEARNING_TRAINER),
+                                                               ("991", SHARED_RAW, 3, TRAINER)],
                          ids=["HC18Tiny-grey-png", "KvasirTiny-rgb-png"])
-def test_png_datasets(dataset, raw_root, channels, tmp_path):
+def test_png_datasets(dataset, raw_root, channels, trainer, tmp_path):
     if not raw_root.is_dir():
         pytest.fail(f"{raw_root} is missing: KvasirTiny is research-only and read from ../shared, never shipped. "
                     f"Run the suite from a checkout that has ../shared beside it.")
     folder = _dataset_folder(raw_root, dataset)
     env = nnunet_environment(raw_root, tmp_path, nnUNet_dino_weights="random")
     run([command("nnUNetv2_plan_and_preprocess"), "-d", dataset, "-c", "2d", "-np", "1"], env)
-    log = train(dataset, TRAINER, env)
-    assert f"Using trainer '{TRAINER}' from:" in log
+    log = train(dataset, trainer, env)
+    assert f"Using trainer '{trainer}' from:" in log
     plans = json.loads((tmp_path / "nnUNet_preprocessed" / folder.name / "nnUNetPlans.json").read_text())
     assert plans["image_reader_writer"] == "NaturalImage2DIO"
-    model = tmp_path / "nnUNet_results" / folder.name / f"{TRAINER}__nnUNetPlans__2d"
+    model = tmp_path / "nnUNet_results" / folder.name / f"{trainer}__nnUNetPlans__2d"
     ckpt = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     adapter_in = ckpt["network_weights"].get("guidance.adapter.channel_projection.weight")
     assert adapter_in is None  # 1 channel is repeated to RGB, 3 channels are RGB: no learned projection
@@ -58,7 +61,7 @@ def test_png_datasets(dataset, raw_root, channels, tmp_path):
     assert torch.equal(ckpt["network_weights"]["guidance.adapter.vit_scale"], torch.ones(1, 3, 1, 1))
 
     out = tmp_path / "pred"
-    _predict(dataset, folder / "imagesTs", out, env)
+    _predict(dataset, folder / "imagesTs", out, env, trainer=trainer)
     summary = evaluate(folder / "labelsTs", out, env)
     assert len(summary["metric_per_case"]) == 4
     reader = NaturalImage2DIO()

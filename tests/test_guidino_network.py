@@ -126,14 +126,6 @@ def test_wrong_input_channels_or_patch_give_a_clear_error(plans):
         net(torch.randn(1, 1, 64, 40))
 
 
-def test_3d_configuration_is_refused_before_any_data_is_read(hippo_workspace, plans):
-    dataset_json = load_json(hippo_workspace["preprocessed"] / "dataset.json")
-    plans_3d = dict(copy.deepcopy(plans["default"]), continue_training=False)  # as nnUNetv2_train passes it
-    assert len(plans_3d["configurations"]["3d_fullres"]["patch_size"]) == 3
-    with pytest.raises(ValueError, match="works on 2D patches.*Train the '2d' configuration"):
-        GuiDINOTrainer(plans_3d, "3d_fullres", 0, dataset_json, torch.device("cpu"))
-
-
 def test_one_guide_per_region_and_per_class(plans):
     assert build(plans["default"], outputs=3).guidance.tokenbook.num_guides == 3  # bg + 2 classes
     assert build(plans["default"], outputs=2).guidance.tokenbook.num_guides == 2  # 2 regions (sigmoid outputs)

@@ -101,7 +101,8 @@ def test_segdino_v2_trainable_parameters_match_the_paper():
     assert trainable(net) == expected
     assert abs(expected - 3.3e6) / 3.3e6 < 0.02  # "d = 256 (~3.3M params)"
     ds = build_segdino_v2(SegDINOv2Config(deep_supervision=True, **FAST), 1, 2, (64, 64), None, HIPPO_STRIDES)
-    assert trainable(ds) == expected_segdino_v2_params(384, 256, 2, aux_heads=2)  # outputs at 1/2 and 1/4
+    # outputs at 1/2 and 1/4; the 1/4 one, which nnU-Net's loss weights 0, reuses the 1/2 output (no head of its own)
+    assert trainable(ds) == expected_segdino_v2_params(384, 256, 2, aux_heads=1)
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -342,6 +343,42 @@ def test_checkpoint_round_trip_through_the_build_classmethod_is_strict_and_exact
     x = torch.randn(1, 1, 56, 40)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), trained(x))
+
+
+def test_every_deep_supervision_head_is_trained_by_a_weighted_output():
+    """No parameter outside the loss (DDP without find_unused_parameters fails on one): the coarsest output, which
+    nnU-Net weights 0, has no head of its own and is the previous output resized."""
+    pm, cm, dataset = plans_for((56, 40))
+    net = SegDINOv2DSFast.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=True)
+    randomize(net, seed=3)
+    outputs = net(torch.randn(2, 1, 56, 40))
+    assert len(outputs) == 3 and len(net.aux_heads) == 1
+    expected = torch.nn.functional.interpolate(outputs[1], size=outputs[2].shape[-2:], mode="bilinear",
+                                               align_corners=False)
+    assert torch.equal(outputs[2], expected)
+    loss, _ = nnunet_loss(pm, cm, dataset, deep_supervision=True)
+    assert loss.weight_factors[-1] == 0
+    targets = [torch.stack([t, t]) for t in nnunet_ds_targets(cm, torch.randint(0, 3, (1, 56, 40)).float())]
+    loss(outputs, targets).backward()
+    untrained = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert untrained == [], untrained
+
+
+def test_an_older_deep_supervision_checkpoint_with_the_untrained_head_still_predicts(capsys):
+    pm, cm, _ = plans_for((56, 40))
+    trained = randomize(SegDINOv2DSFast.build_network_architecture(pm, cm, 1, 3, False), seed=4).eval()
+    older = dict(trained.state_dict())
+    older["aux_heads.1.weight"] = torch.randn_like(older["aux_heads.0.weight"])  # what versions before wrote
+    older["aux_heads.1.bias"] = torch.randn_like(older["aux_heads.0.bias"])
+    rebuilt = SegDINOv2DSFast.build_network_architecture(pm, cm, 1, 3, enable_deep_supervision=False)
+    rebuilt.load_state_dict(older, strict=True)
+    assert rebuilt.dropped_untrained_head and "dropped aux_heads.1.weight, aux_heads.1.bias" in capsys.readouterr().out
+    x = torch.randn(1, 1, 56, 40)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), trained(x))
+    older["aux_heads.2.weight"] = older["aux_heads.1.weight"]  # anything else unexpected is still refused
+    with pytest.raises(RuntimeError, match="aux_heads.2.weight"):
+        SegDINOv2DSFast.build_network_architecture(pm, cm, 1, 3, False).load_state_dict(older, strict=True)
 
 
 def test_structures_differ_so_strict_loading_catches_a_wrong_variant():

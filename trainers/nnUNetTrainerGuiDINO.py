@@ -1,4 +1,5 @@
-"""GuiDINO trainers for nnU-Net: ``nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerGuiDINO``.
+"""GuiDINO trainers for nnU-Net: ``nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerGuiDINO``; every trainer here also
+trains ``3d_fullres``, ``3d_lowres`` and ``3d_cascade_fullres`` (slice-wise DINO guidance, docs/guidino.md#3d).
 
 Thin classes only: the logic is nnunet_dino.training.GuiDINOTrainer, and every variant changes one attribute.
 nnU-Net imports this folder's modules as top-level modules, hence the absolute imports.
@@ -45,6 +46,52 @@ class nnUNetTrainerGuiDINO_CPUSmoke(nnUNetTrainerGuiDINO):
     max_batch_size = 8
     mirroring = False  # 4x cheaper validation and prediction on CPU
     guidino = replace(GuiDINOTrainer.guidino, min_short_side_tokens=8)
+
+
+class nnUNetTrainerGuiDINO_CPUPipeline(nnUNetTrainerGuiDINO_CPUSmoke):
+    """Seconds on 2 CPU cores: checks that every stage of nnU-Net's pipeline runs (tests that assert files, logs,
+    geometry and equality, never Dice). 2 epochs of 4 iterations at batch 4, the patch's short side mapped to 4
+    DINO tokens."""
+    epochs = 2
+    iterations_per_epoch = 4
+    val_iterations_per_epoch = 1
+    max_batch_size = 4
+    guidino = replace(GuiDINOTrainer.guidino, min_short_side_tokens=4)
+
+
+class nnUNetTrainerGuiDINO_CPUSmoke3d(nnUNetTrainerGuiDINO):
+    """The smallest 3D run that exercises the whole pipeline on 2 CPU cores (tests/test_e2e_guidino_3d.py): 8
+    iterations of 2 patches; the ViT on every 4th plane at 4 tokens on the short side (Hippocampus 3d_fullres: 11 of
+    40 planes of 6x4 tokens each). Learns nothing useful; checks that everything runs and agrees."""
+    epochs = 2
+    iterations_per_epoch = 4
+    val_iterations_per_epoch = 1
+    max_batch_size = 2
+    mirroring = False
+    guidino = replace(GuiDINOTrainer.guidino, min_short_side_tokens=4, slice_stride=4)
+
+
+# ---- 3D slicing (docs/guidino.md#3d): which planes the ViT sees
+class nnUNetTrainerGuiDINO_stride1(nnUNetTrainerGuiDINO):
+    """The ViT on every plane of a 3D patch (no interpolated planes; about twice the ViT cost of the default)."""
+    guidino = replace(GuiDINOTrainer.guidino, slice_stride=1)
+
+
+class nnUNetTrainerGuiDINO_stride4(nnUNetTrainerGuiDINO):
+    """The ViT on every 4th plane of a 3D patch (and the last); the others interpolated."""
+    guidino = replace(GuiDINOTrainer.guidino, slice_stride=4)
+
+
+class nnUNetTrainerGuiDINO_sliceAxis0(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, slice_axis=0)
+
+
+class nnUNetTrainerGuiDINO_sliceAxis1(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, slice_axis=1)
+
+
+class nnUNetTrainerGuiDINO_sliceAxis2(nnUNetTrainerGuiDINO):
+    guidino = replace(GuiDINOTrainer.guidino, slice_axis=2)
 
 
 # ---- ablations

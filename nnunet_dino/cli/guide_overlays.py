@@ -6,6 +6,10 @@ on the slice with the most predicted foreground, or on the slices chosen with --
 logits and the guide maps are averaged over the folds, as nnU-Net ensembles folds. With --nifti the guide maps are
 also written as float NIfTI in the input image's geometry (NIfTI inputs).
 
+3D models (3d_fullres, 3d_lowres, 3d_cascade_fullres): the guide volume is stitched by the same sliding window,
+mapped back to the input image's geometry (as nnU-Net maps its prediction back), and the PNGs show planes
+perpendicular to the model's slicing axis (the planes its ViT saw), numbered as in the input image.
+
 Everything goes through nnU-Net's own predictor: its preprocessing, sliding window and Gaussian weighting; the guide
 maps are stitched by the same sliding window as the logits. Checkpoints are read with torch.load(weights_only=True)
 (safe_checkpoint.py), never by the predictor's own full-pickle load, so a crafted checkpoint cannot run code here.
@@ -58,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                         "case")
     p.add_argument("--slices", nargs="+", default="max", metavar="S",
                    help="3D volumes: 'max' (the slice with most predicted foreground), 'all', or slice indices along "
-                        "the slicing axis, numbered as in the input image (e.g. --slices 10 20)")
+                        "the slicing axis (2d models: nnU-Net's first axis; 3D models: the axis whose planes the ViT "
+                        "saw), numbered as in the input image (e.g. --slices 10 20)")
     p.add_argument("--nifti", action="store_true", help="also write guide maps as NIfTI in image geometry")
     p.add_argument("-device", default="cpu", choices=DEVICES, help="device, as for nnUNetv2_predict")
     p.add_argument("-nt", "--threads", type=int, default=1,
@@ -163,8 +168,8 @@ def guide_map_network(guided, num_outputs: int):
         def forward(self, x):
             self.guided(x)
             _, masks = self.guided.last_guide
-            maps = self.guided.guidance.adapter.token_map_to(masks, x.shape[-2:])
-            return maps.expand(-1, self.num_outputs, -1, -1) if maps.shape[1] == 1 else maps
+            maps = self.guided.guidance.guide_to(masks, x.shape[2:])  # 2D maps or, for 3D models, the guide volume
+            return maps.expand(-1, self.num_outputs, *maps.shape[2:]) if maps.shape[1] == 1 else maps
 
     return GuideMapNetwork()
 
@@ -283,6 +288,21 @@ def _slice_plan(slices, pred, gt, props, plans_manager, case: str) -> list[tuple
     return plan
 
 
+def _slice_plan_3d(slices, pred, gt, case: str, axis: int) -> list[tuple[int, int, str]]:
+    """3D models: [(index, index, note)] of planes along ``axis`` of the input image array, where ``pred`` and
+    ``gt`` are already in the input geometry with that axis first."""
+    n = pred.shape[0]
+    if slices == "all":
+        return [(z, z, "") for z in range(n)]
+    if slices == "max":
+        return [_max_slice(pred, gt, 0)]
+    for s in slices:
+        if not 0 <= s < n:
+            raise SystemExit(f"--slices {s}: {case} has slices 0..{n - 1} along axis {axis} of the image array (the "
+                             f"model's slicing axis).")
+    return [(s, s, "") for s in slices]
+
+
 def _max_slice(pred, gt, offset: int) -> tuple[int, int, str]:
     import numpy as np
 
@@ -357,12 +377,51 @@ def _to_original_geometry(maps, props: dict, plans_manager, configuration_manage
 
 
 def _write_nifti(guides, props, plans_manager, cm, labels, out_dir: Path, case: str) -> list[Path]:
+    if "sitk_stuff" not in props:
+        raise SystemExit("--nifti needs NIfTI (SimpleITK-readable) inputs.")
+    return _write_nifti_volumes(_to_original_geometry(guides, props, plans_manager, cm), props, labels, out_dir, case)
+
+
+def _case_3d(model: dict, predictor, files, gt_file, logits, guides, props, labels, slices, nifti: bool,
+             out_dir: Path, case: str, fold_note: str) -> list[Path]:
+    """A 3D model's case: image, guides, prediction and ground truth in the input image's geometry, drawn on planes
+    perpendicular to the slicing axis (the axis of the input array that nnU-Net's transpose maps onto it)."""
+    import numpy as np
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    plans_manager, cm = model["plans_manager"], model["configuration_manager"]
+    seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, plans_manager, cm, predictor.label_manager, props, num_threads_torch=torch.get_num_threads())
+    full_guides = _to_original_geometry(guides, props, plans_manager, cm)
+    reader = plans_manager.image_reader_writer_class()
+    image, _ = reader.read_images(files)
+    gt = reader.read_seg(gt_file)[0][0] if gt_file is not None else None
+    axis = plans_manager.transpose_forward[model["network"].guidance.slice_axis]
+
+    def planes_first(a, lead: int):  # (lead dims..., *spatial) with the slicing axis right after the lead dims
+        return None if a is None else np.moveaxis(a, lead + axis, lead)
+
+    image, full_k, seg_z, gt_z = (planes_first(image, 1), planes_first(full_guides, 1), planes_first(seg, 0),
+                                  planes_first(gt, 0))
+    written = []
+    for z, _, note in _slice_plan_3d(slices, seg_z, gt_z, case, axis):
+        png = out_dir / (f"{case}_guides.png" if slices == "max" else f"{case}_slice{z:03d}_guides.png")
+        _render_png(image[:, z], np.clip(full_k[:, z], 0, 1), seg_z[z], gt_z[z] if gt_z is not None else None,
+                    labels, f"{case} slice {z} of axis {axis}{note}{fold_note}", png)
+        written.append(png)
+    if nifti:
+        written += _write_nifti_volumes(full_guides, props, labels, out_dir, case)
+    return written
+
+
+def _write_nifti_volumes(full, props, labels, out_dir: Path, case: str) -> list[Path]:
+    """Guide maps already in the input geometry (K, *image array shape) as float NIfTI files."""
     import numpy as np
     import SimpleITK as sitk
 
     if "sitk_stuff" not in props:
         raise SystemExit("--nifti needs NIfTI (SimpleITK-readable) inputs.")
-    full = _to_original_geometry(guides, props, plans_manager, cm)
     written = []
     for k, _ in enumerate(labels):
         img = sitk.GetImageFromArray(full[k].astype(np.float32))
@@ -449,6 +508,12 @@ def write_guide_overlays(model_folder: str, input_folder: str, output_folder: st
         seg = lm.convert_logits_to_segmentation(logits).numpy()
         guides = guides_t.numpy()
         gt = gt[0] if gt is not None else None  # (1, Z, Y, X) -> (Z, Y, X)
+        if len(cm.patch_size) == 3:
+            case_files = _case_3d(model, predictor, files, gt_files[case] if gt_files else None, logits, guides,
+                                  props, labels, slices, nifti, out_dir, case, fold_note)
+            written += case_files
+            log(f"[{i}/{len(cases)}] {case}: wrote {len(case_files)} file(s) in {time.perf_counter() - start:.1f} s")
+            continue
         case_files = []
         volume = int(props["shape_before_cropping"][0]) > 1  # 2D images are read as one-slice volumes
         for z, z_input, note in _slice_plan(slices, seg, gt, props, plans_manager, case):

@@ -2,7 +2,10 @@
 from .branch import DinoGuidance
 from .gates import GATE_MODES, GuideGate
 from .losses import boundary_band, boundary_hinge_loss, dense_targets, guide_loss
+from .slicewise import SliceWiseGuidance, SlicingMismatchError
+from .slicing import DEFAULT_SLICE_STRIDE, SLICE_AXIS_ENV_VAR, SLICE_STRIDE_ENV_VAR
 from .tokenbook import TokenBook, TokenBookConfig
 
-__all__ = ["DinoGuidance", "GATE_MODES", "GuideGate", "TokenBook", "TokenBookConfig", "boundary_band",
-           "boundary_hinge_loss", "dense_targets", "guide_loss"]
+__all__ = ["DEFAULT_SLICE_STRIDE", "DinoGuidance", "GATE_MODES", "GuideGate", "SLICE_AXIS_ENV_VAR",
+           "SLICE_STRIDE_ENV_VAR", "SliceWiseGuidance", "SlicingMismatchError", "TokenBook", "TokenBookConfig",
+           "boundary_band", "boundary_hinge_loss", "dense_targets", "guide_loss"]

@@ -9,6 +9,8 @@ from .tokenbook import TokenBook
 
 
 class DinoGuidance(nn.Module):
+    spatial_dims = 2  # slicewise.SliceWiseGuidance: 3
+
     def __init__(self, backbone: DinoBackbone, adapter: DinoInputAdapter, tokenbook: TokenBook, layer: int):
         super().__init__()
         self.backbone = backbone
@@ -27,3 +29,11 @@ class DinoGuidance(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trains):
             tokens = self.backbone.patch_features(vit_input, [self.layer])[0]
         return self.tokenbook(tokens)
+
+    def guide_to(self, masks: torch.Tensor, out_shape) -> torch.Tensor:
+        """Resample token-grid guides (B, K, h, w) onto a stage grid ``out_shape`` (H', W') of the patch."""
+        return self.adapter.token_map_to(masks, out_shape)
+
+    def dense_to_tokens(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Area-average a dense (B, K, H, W) map onto the token grid: (map, valid fraction of each token)."""
+        return self.adapter.dense_to_tokens(dense)

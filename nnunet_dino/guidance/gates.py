@@ -13,13 +13,15 @@ GATE_MODES = ("residual", "multiplicative")
 
 
 class GuideGate(nn.Module):
-    def __init__(self, num_guides: int, channels: int, mode: str = "residual"):
+    def __init__(self, num_guides: int, channels: int, mode: str = "residual", spatial_dims: int = 2):
         super().__init__()
         if mode not in GATE_MODES:
             raise ValueError(f"Gate mode must be one of {GATE_MODES}, got {mode!r}.")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"Gates act on 2D or 3D feature maps, got spatial_dims={spatial_dims}.")
         self.mode = mode
         if mode == "residual":
-            self.mix = nn.Conv2d(num_guides, channels, 1)
+            self.mix = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(num_guides, channels, 1)
             nn.init.zeros_(self.mix.weight)
             nn.init.zeros_(self.mix.bias)
 

@@ -1,7 +1,8 @@
 """GuiDINO's auxiliary losses: guide supervision and the boundary-focused hinge loss.
 
-Both take nnU-Net's full-resolution target as it arrives in a batch: a label map (B, 1, H, W) for class
-training, or region masks (B, R, H, W) (+ a trailing ignore channel when an ignore label is used) for regions.
+Both take nnU-Net's full-resolution target as it arrives in a batch: a label map (B, 1, *spatial) for class
+training, or region masks (B, R, *spatial) (+ a trailing ignore channel when an ignore label is used) for regions;
+*spatial is (H, W) in 2D and (D, H, W) in 3D.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 
 def dense_targets(target: torch.Tensor, num_outputs: int, has_regions: bool, ignore_label: int | None):
-    """(per-output binary targets (B, K, H, W) float, valid-pixel mask (B, 1, H, W) float)."""
+    """(per-output binary targets (B, K, *spatial) float, valid-pixel mask (B, 1, *spatial) float)."""
     if has_regions:
         if ignore_label is not None:
             valid = 1.0 - target[:, -1:].float()
@@ -23,7 +24,7 @@ def dense_targets(target: torch.Tensor, num_outputs: int, has_regions: bool, ign
     if ignore_label is not None:
         valid = (labels != ignore_label).float()
         labels = torch.where(labels == ignore_label, torch.zeros_like(labels), labels)
-    onehot = F.one_hot(labels, num_outputs).permute(0, 3, 1, 2).float()
+    onehot = F.one_hot(labels, num_outputs).movedim(-1, 1).float()
     return onehot, valid[:, None]
 
 
@@ -42,9 +43,13 @@ def guide_loss(guide_scores: torch.Tensor, guide_masks: torch.Tensor, token_targ
 
 
 def boundary_band(mask: torch.Tensor) -> torch.Tensor:
-    """dilate(mask) - erode(mask) with a 3x3 structuring element (morphological gradient): (B, K, H, W) in {0, 1}."""
-    dilated = F.max_pool2d(mask, 3, stride=1, padding=1)
-    eroded = -F.max_pool2d(-mask, 3, stride=1, padding=1)
+    """dilate(mask) - erode(mask) with a 3x3 (2D, (B, K, H, W)) or 3x3x3 (3D, (B, K, D, H, W)) structuring element
+    (morphological gradient), in {0, 1}."""
+    pool = {4: F.max_pool2d, 5: F.max_pool3d}.get(mask.ndim)
+    if pool is None:
+        raise ValueError(f"boundary_band takes (B, K, H, W) or (B, K, D, H, W) masks, got shape {tuple(mask.shape)}.")
+    dilated = pool(mask, 3, stride=1, padding=1)
+    eroded = -pool(-mask, 3, stride=1, padding=1)
     return dilated - eroded
 
 
@@ -59,19 +64,33 @@ def boundary_hinge_loss(logits: torch.Tensor, binary_targets: torch.Tensor, vali
     - outside c (y != c, c's outer band): s = z_y - z_c, the true class against c. Not z_c's distance to the
       largest other logit, which could be a third, wrong class: descent would raise that one, never the true class.
     Either way descent raises the true class's logit and lowers a wrong one, and the binary case is the hinge on
-    z_1 - z_0. ``binary_targets`` is the one-hot label map for classes; ``valid`` (B, 1, H, W) is 0 on ignored
-    pixels, which therefore get no gradient."""
+    z_1 - z_0. ``binary_targets`` is the one-hot label map for classes; ``valid`` (B, 1, *spatial) is 0 on ignored
+    pixels, which therefore get no gradient. 2D or 3D (the band is then 3x3x3)."""
     logits = logits.float()
     if has_regions:
         y = binary_targets
         signed_margin = (2 * y - 1) * logits
     else:
         k = logits.shape[1]
-        eye = torch.eye(k, device=logits.device, dtype=torch.bool).view(1, k, k, 1, 1)
-        others = logits[:, None].expand(-1, k, -1, -1, -1).masked_fill(eye, float("-inf")).amax(dim=2)
+        others = _largest_other_logit(logits)
         true_logit = (binary_targets * logits).sum(dim=1, keepdim=True)  # z_y
         y, z = binary_targets[:, 1:], logits[:, 1:]
         signed_margin = torch.where(y > 0, z - others[:, 1:], true_logit - z)
     band = boundary_band(y) * valid
     hinge = F.relu(margin - signed_margin)
     return (hinge * band).sum() / band.sum().clamp_min(1.0)
+
+
+def _largest_other_logit(logits: torch.Tensor) -> torch.Tensor:
+    """max_{k != c} z_k for every class c: (B, K, *spatial)."""
+    k = logits.shape[1]
+    if logits.ndim == 4:
+        eye = torch.eye(k, device=logits.device, dtype=torch.bool).view(1, k, k, 1, 1)
+        return logits[:, None].expand(-1, k, -1, -1, -1).masked_fill(eye, float("-inf")).amax(dim=2)
+    # 3D: the masked (B, K, K, D, H, W) tensor would take K times the logits' memory (3.3 GB for 14 classes at
+    # 128^3, batch 2). The largest other logit is the top logit, except at the top class, where it is the second.
+    if k == 1:
+        return torch.full_like(logits, float("-inf"))
+    top2, top2_index = logits.topk(2, dim=1)
+    classes = torch.arange(k, device=logits.device).view(1, k, *([1] * (logits.ndim - 2)))
+    return torch.where(classes == top2_index[:, :1], top2[:, 1:2], top2[:, :1])

@@ -23,9 +23,13 @@ input patch.
 Deep supervision (optional, ``deep_supervision=True``): nnU-Net supervises outputs at the scales
 [1, 1/2, 1/4, ...] of the patch given by the plans' pooling. Output 0 is the head on x1; output k >= 1 is a 1x1
 head on the k-th coarser decoded level x_{k+1} (x4 for every k >= 3), each resized to exactly the shape of
-nnU-Net's downsampled target (nnunet_deep_supervision_shapes). The auxiliary heads are part of the structure
-whenever the configuration asks for deep supervision, so the predictor (which builds with deep supervision off)
-loads the trained checkpoint strictly.
+nnU-Net's downsampled target (nnunet_deep_supervision_shapes). The coarsest output is the exception: nnU-Net's
+trainer weights it 0 (1e-6 under DDP without compile, only to avoid DDP's unused-parameter error), so a head of its
+own would be a parameter no loss trains; it is the previous output resized to its shape instead. The auxiliary
+heads are part of the structure whenever the configuration asks for deep supervision, so the predictor (which
+builds with deep supervision off) loads the trained checkpoint strictly. Checkpoints written before 2026-12-02 have
+one more head (the untrained one of the coarsest output when the plans give at most four outputs); its tensors are
+dropped on loading, with a message, since they never reached a loss or a prediction.
 """
 from __future__ import annotations
 
@@ -152,16 +156,29 @@ class SegDINOv2(nn.Module):
             if len(self.ds_shapes) < 2 or self.ds_shapes[0] != tuple(encoder.patch_hw):
                 raise ValueError(f"Deep supervision needs nnU-Net's shapes starting at the patch size "
                                  f"{encoder.patch_hw} and at least one coarser one, got {self.ds_shapes}.")
-            # One head per decoded level below x1 that some output uses (x2, x3, x4).
-            n_aux = min(len(self.ds_shapes) - 1, len(TPA_UPSAMPLING) - 1)
+            # One head per decoded level below x1 (x2, x3, x4) that an output with a non-zero loss weight uses;
+            # the coarsest output (weight 0) has none (module doc).
+            n_aux = min(len(self.ds_shapes) - 2, len(TPA_UPSAMPLING) - 1)
             self.aux_heads = nn.ModuleList(nn.Conv2d(width, num_classes, 1) for _ in range(n_aux))
+            self._register_load_state_dict_pre_hook(self._drop_untrained_head_of_older_checkpoints)
         else:
             self.aux_heads = None
         self._deep_supervision = False
+        self.dropped_untrained_head = False  # set when an older checkpoint's extra head was dropped on loading
+
+    def _drop_untrained_head_of_older_checkpoints(self, state_dict, prefix, *args):
+        stale = [k for k in state_dict if k.startswith(f"{prefix}aux_heads.{len(self.aux_heads)}.")]
+        if stale and len(self.aux_heads) + 1 == len(self.ds_shapes) - 1:
+            for k in stale:
+                del state_dict[k]
+            self.dropped_untrained_head = True
+            print(f"nnunet-dino: dropped {', '.join(k[len(prefix):] for k in stale)} from this checkpoint: the head "
+                  f"of the coarsest deep-supervision output, which nnU-Net's loss weights 0, so it was never "
+                  f"trained and never used in prediction (no longer built since 2026-12-02).", flush=True)
 
     @property
     def supports_deep_supervision(self) -> bool:
-        return self.aux_heads is not None
+        return self.ds_shapes is not None
 
     @property
     def deep_supervision(self) -> bool:
@@ -181,6 +198,10 @@ class SegDINOv2(nn.Module):
             return out
         outputs = [out]
         for k, shape in enumerate(self.ds_shapes[1:], start=1):
+            if k == len(self.ds_shapes) - 1:  # the coarsest output, weight 0 in nnU-Net's loss: no head of its own
+                # (no antialiasing: a weight-0 output, and CPU has no bf16 antialiased kernel)
+                outputs.append(F.interpolate(outputs[-1], size=shape, mode="bilinear", align_corners=False))
+                break
             level = min(k, len(self.aux_heads))  # x_{k+1}, the coarsest (x4) for every further output
             outputs.append(self.encoder.to_patch_grid(self.aux_heads[level - 1](decoded[level]), shape))
         return outputs

@@ -1,7 +1,8 @@
 """Behaviour shared by every nnunet-dino trainer, on top of nnU-Net's nnUNetTrainer.
 
 - Schedule overrides as class attributes, so a variant is one line (``epochs = 5``).
-- 2D-only check at construction (before any data is touched).
+- ``require_2d_patch`` for the trainer families that work on 2D patches only (SegDINO, MedDINOv3): called at
+  construction, before any data is touched. GuiDINO also trains 3D configurations (slice-wise guidance).
 - Pretrained DINO weights loaded at training start from the documented setting; missing setting = immediate
   error; random weights only when explicitly requested and then logged loudly. Not done when resuming: the
   checkpoint carries the whole network, DINO included.
@@ -41,6 +42,31 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network
 
 
+def require_2d_patch(trainer_class: type, plans: dict, configuration: str) -> None:
+    """Refuse a 3D configuration before nnU-Net's __init__ creates the output folder, saying what to run instead."""
+    patch_size = PlansManager(plans).get_configuration(configuration).patch_size
+    if len(patch_size) != 2:
+        name = trainer_class.__name__
+        raise ValueError(
+            f"{name} works on 2D patches, but configuration {configuration!r} has patch size {patch_size}. Train the "
+            f"'2d' configuration (3D volumes are then used slice by slice): nnUNetv2_train DATASET 2d FOLD -tr {name}. "
+            f"(GuiDINO trainers, nnUNetTrainerGuiDINO and its variants, also train 3D configurations.)")
+
+
+CPU_THREADS_ENV_VAR = "nnUNet_dino_cpu_threads"
+
+
+def cpu_threads_setting() -> int | None:
+    """$nnUNet_dino_cpu_threads as a positive int, None when unset; anything else is refused."""
+    value = os.environ.get(CPU_THREADS_ENV_VAR, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{CPU_THREADS_ENV_VAR}={value!r}: expected a positive number of CPU threads (e.g. 1), or "
+                         f"unset it to let nnU-Net use every core.")
+    return int(value)
+
+
 class DinoTrainerBase(nnUNetTrainer):
     epochs: int | None = None
     iterations_per_epoch: int | None = None
@@ -54,14 +80,9 @@ class DinoTrainerBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # Checked before nnU-Net's __init__, which already creates the output folder.
-        patch_size = PlansManager(plans).get_configuration(configuration).patch_size
-        if len(patch_size) != 2:
-            raise ValueError(
-                f"{self.__class__.__name__} works on 2D patches, but configuration {configuration!r} has patch size "
-                f"{patch_size}. Train the '2d' configuration (3D volumes are then used slice by slice): "
-                f"nnUNetv2_train DATASET 2d FOLD -tr {self.__class__.__name__}")
         self._check_weights_setting_early(plans, configuration, fold)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self._limit_cpu_threads()
         if self.epochs is not None:
             self.num_epochs = self.epochs
         if self.iterations_per_epoch is not None:
@@ -161,6 +182,14 @@ class DinoTrainerBase(nnUNetTrainer):
         self.print_to_log_file(f"Network restored from {where} (epoch {self.current_epoch}); DINO weights: "
                                f"{describe_provenance(record) if record else 'not recorded (older checkpoint)'}. "
                                f"The DINO weight file is not read again.")
+
+    def _limit_cpu_threads(self) -> None:
+        # nnUNetv2_train -device cpu sets torch to every core before the trainer exists; several trainings (or test
+        # workers) sharing a small CPU run several times faster with one thread each.
+        threads = cpu_threads_setting()
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
+            self.print_to_log_file(f"CPU threads: {threads} ({CPU_THREADS_ENV_VAR}).")
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, filename: str) -> None:

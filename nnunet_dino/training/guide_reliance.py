@@ -19,8 +19,9 @@ ABLATIONS = ("shuffled", "constant")
 
 
 def ablated_guides(masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The replacement guides of ``masks`` (B, K, h, w); ``shuffled`` needs at least two patches."""
-    out = {"constant": masks.mean(dim=(2, 3), keepdim=True).expand_as(masks)}
+    """The replacement guides of ``masks`` (B, K, h, w), or 3D guide volumes (B, K, n, h, w); ``shuffled`` needs at
+    least two patches."""
+    out = {"constant": masks.mean(dim=tuple(range(2, masks.ndim)), keepdim=True).expand_as(masks)}
     if masks.shape[0] > 1:
         out["shuffled"] = masks.roll(1, dims=0)
     return out

@@ -47,9 +47,9 @@ class GuiDINOLoss(nn.Module):
     def _guide_term(self, network, scores, masks, onehot, valid) -> torch.Tensor:
         if masks.shape[1] == 1 and onehot.shape[1] > 1:  # single ("paper") guide supervises the foreground union
             onehot = onehot.amax(1, keepdim=True) if self.has_regions else 1 - onehot[:, :1]
-        adapter = network.guidance.adapter
-        labelled, geometric = adapter.dense_to_tokens(onehot * valid)
-        labelled_fraction, _ = adapter.dense_to_tokens(valid)
+        guidance = network.guidance  # 2D: the token grid; 3D: per plane onto its tokens (slicewise.py)
+        labelled, geometric = guidance.dense_to_tokens(onehot * valid)
+        labelled_fraction, _ = guidance.dense_to_tokens(valid)
         # dense_to_tokens normalises by the geometric coverage; re-normalise by the labelled (non-ignore) coverage
         targets = labelled / labelled_fraction.clamp_min(1e-6)
         weights = labelled_fraction * geometric

@@ -1,5 +1,8 @@
 """GuiDINOTrainer: nnU-Net's trainer with a GuidedUNet, GuiDINO's losses and per-group learning rates.
 
+Every configuration: 2d, and 3d_fullres / 3d_lowres / 3d_cascade_fullres with the slice-wise guide volume
+(guidance/slicewise.py; axis and stride from ``guidino.slice_axis`` / ``slice_stride``).
+
 Everything configurable is a class attribute; trainer variants (trainers/) override one attribute each.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from ..backbone import DinoBackbone, LoadReport, lora_parameters, plans_intensity_properties
+from ..guidance import SliceWiseGuidance
 from ..networks import GuiDINOConfig, build_guided_unet
 from .checkpoints import install_checkpoint_hooks
 from .dino_trainer_base import DinoTrainerBase, unwrap
@@ -66,9 +70,11 @@ class GuiDINOTrainer(DinoTrainerBase):
         # variant's configuration rebuilds exactly the trained structure.
         unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                         num_output_channels, enable_deep_supervision)
+        # The spacing only chooses the slicing axis of 3D patches (2D plans built by hand may not carry one).
+        spacing = configuration_manager.spacing if len(configuration_manager.patch_size) == 3 else None
         return install_checkpoint_hooks(build_guided_unet(
             unet, cls.guidino, num_input_channels, num_output_channels, configuration_manager.patch_size,
-            configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager)))
+            configuration_manager.normalization_schemes, plans_intensity_properties(plans_manager), spacing))
 
     @classmethod
     def dino_architecture_names(cls) -> list[str]:
@@ -79,6 +85,12 @@ class GuiDINOTrainer(DinoTrainerBase):
 
     def on_backbone_loaded(self, backbone: DinoBackbone, report: LoadReport) -> None:
         unwrap(self.network).guidance.adapter.set_pretraining(report.pretraining)
+
+    def initialize(self):
+        super().initialize()
+        guidance = unwrap(self.network).guidance
+        if isinstance(guidance, SliceWiseGuidance):  # which planes and which input channels the ViT sees
+            self.print_to_log_file(f"GuiDINO 3D guide ({self.configuration_name}): {guidance.describe()}.")
 
     def on_train_start(self):
         # Fresh runs only: a resumed run's checkpoint holds the U-Net it trained (the stock start is in its

@@ -10,7 +10,7 @@ import torch
 from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.meddinov3 import MedDINOv3Config, build_meddinov3
 from .checkpoints import install_checkpoint_hooks
-from .dino_trainer_base import DinoTrainerBase, unwrap
+from .dino_trainer_base import DinoTrainerBase, require_2d_patch, unwrap
 from .progress_logger import ExtraTermsLogger, log_group_learning_rates
 from .schedules import GroupPolyLRScheduler
 
@@ -25,6 +25,7 @@ class MedDINOv3Trainer(DinoTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        require_2d_patch(type(self), plans, configuration)  # MedDINOv3 decodes one 2D token map
         super().__init__(plans, configuration, fold, dataset_json, device)
         # One output: nnU-Net then builds neither deep-supervision targets (_get_deep_supervision_scales -> None)
         # nor the DeepSupervisionWrapper around its Dice+CE loss (_build_loss).

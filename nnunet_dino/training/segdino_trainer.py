@@ -17,7 +17,7 @@ from ..backbone import DinoBackbone, LoadReport, plans_intensity_properties
 from ..networks.segdino import SegDINOConfig, build_segdino
 from ..networks.segdino_v2 import SegDINOv2Config, build_segdino_v2
 from .checkpoints import install_checkpoint_hooks
-from .dino_trainer_base import DinoTrainerBase, unwrap
+from .dino_trainer_base import DinoTrainerBase, require_2d_patch, unwrap
 from .progress_logger import ExtraTermsLogger, log_group_learning_rates
 from .schedules import GroupPolyLRScheduler
 
@@ -30,6 +30,7 @@ class SegDINOTrainerBase(DinoTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        require_2d_patch(type(self), plans, configuration)  # SegDINO decodes one 2D token map
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.lr_head  # what nnU-Net logs as the learning rate (group 0: the head)
         self.weight_decay = self.adamw_weight_decay
@@ -123,3 +124,16 @@ class SegDINOv2Trainer(SegDINOTrainerBase):
     @classmethod
     def dino_architecture_names(cls) -> list[str]:
         return [cls.segdino_v2.dino_arch]
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except ValueError as e:  # the optimiser state of an older run still holds the dropped head's tensors
+            if not getattr(unwrap(self.network), "dropped_untrained_head", False):
+                raise
+            raise RuntimeError(
+                "This checkpoint was written before 2026-12-02 by a SegDINOv2 with deep supervision that still had "
+                "a head for its coarsest output (never trained: nnU-Net weights that output 0). Its network predicts "
+                "unchanged with nnUNetv2_predict, but its optimiser state cannot continue training in this version. "
+                "Start this fold's training again (without --c), or finish it with the nnunet-dino version that "
+                "began it.") from e
