@@ -7,8 +7,9 @@
 
 Steps, each a stock nnU-Net command in a subprocess (as a user would run it); DATASET = -d (default 4,
 Dataset004_Hippocampus):
-  1. nnUNetv2_plan_and_preprocess -d DATASET -c 2d            (skipped if the preprocessed 2d data exist)
-  2. per arm: nnUNetv2_train DATASET 2d 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
+  1. nnUNetv2_plan_and_preprocess -d DATASET -c CONF          (CONF = -c, default 2d; also 3d_fullres: the same
+                                                              trainer names train 3D; skipped if the data exist)
+  2. per arm: nnUNetv2_train DATASET CONF 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
      identical epochs x iterations x batch for both arms; resumed with --c from checkpoint_latest.pth; skipped if
      checkpoint_final.pth exists)
   3. nnUNetv2_predict on imagesTs with fold 0's final checkpoint (skipped if already complete)
@@ -100,6 +101,16 @@ def snapshot_code(dest: Path) -> dict:
     return json.loads((dest / "SNAPSHOT.json").read_text())
 
 
+def bench_schedule() -> dict:
+    """The schedule both arms' trainers read (benchmarks/trainers/nnUNetTrainerBench.py, with this process's
+    nnUNet_bench_* environment, which the training subprocesses inherit)."""
+    names = {"epochs": "nnUNet_bench_epochs", "iterations": "nnUNet_bench_iterations",
+             "val_iterations": "nnUNet_bench_val_iterations", "batch": "nnUNet_bench_batch"}
+    text = (BENCH_TRAINERS / "nnUNetTrainerBench.py").read_text()
+    defaults = {k: int(text.split(f'os.environ.get("{v}", ')[1].split(")")[0]) for k, v in names.items()}
+    return {k: int(os.environ.get(v, defaults[k])) for k, v in names.items()}
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -126,6 +137,8 @@ def main() -> None:
                     help="nnUNet_raw folder holding the dataset, imagesTs and labelsTs included (default: $nnUNet_raw)")
     ap.add_argument("-d", "--dataset", default="4", help="dataset id or name (default 4: Dataset004_Hippocampus)")
     ap.add_argument("--work", type=Path, required=True, help="nnUNet_preprocessed/_results and predictions go here")
+    ap.add_argument("-c", "--configuration", default="2d",
+                    help="nnU-Net configuration both arms train and predict (default 2d; e.g. 3d_fullres)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--niceness", type=int, default=15)
@@ -160,27 +173,31 @@ def main() -> None:
     logs = args.work / "logs"
     results_file = args.work / "accuracy_results.json"
     results = load_results(results_file)
-    results.update(dataset=DATASET, configuration="2d", fold=0, device=args.device, dino_weights=weights,
+    conf = args.configuration
+    results.update(dataset=DATASET, configuration=conf, fold=0, device=args.device, dino_weights=weights,
                    test_time_mirroring=not args.disable_tta,
                    dino_weights_label="random DINO weights" if weights == "random" else weights)
     results.setdefault("arms", {})
     results["code_snapshot"] = snapshot
 
     pre = args.work / "nnUNet_preprocessed" / DATASET
-    if not (pre / "nnUNetPlans_2d").is_dir():
-        log("planning and preprocessing (2d)")
-        streamed(nice + [command("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", "2d", "-np", "1"], env,
-                 logs / "plan_and_preprocess.log")
+    plans_file = pre / "nnUNetPlans.json"
+    data_identifier = (json.loads(plans_file.read_text())["configurations"].get(conf, {}).get("data_identifier")
+                       if plans_file.exists() else None)
+    if data_identifier is None or not (pre / data_identifier).is_dir():
+        log(f"planning and preprocessing ({conf})")
+        streamed(nice + [command("nnUNetv2_plan_and_preprocess"), "-d", dataset_id, "-c", conf, "-np", "1"], env,
+                 logs / f"plan_and_preprocess_{conf}.log")
 
     for arm in args.arms:
         trainer = ARMS[arm]
         rec = results["arms"].setdefault(arm, {"trainer": trainer})
-        fold_dir = args.work / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+        fold_dir = args.work / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__{conf}" / "fold_0"
         if not (fold_dir / "checkpoint_final.pth").exists():
             resume = ["--c"] if (fold_dir / "checkpoint_latest.pth").exists() else []
             log(f"{arm}: training {trainer}{' (resuming)' if resume else ''}; log {logs / f'train_{arm}.log'}")
             train_env = dict(env, nnUNet_n_proc_DA="0") if args.device == "cpu" else env
-            seconds = streamed(nice + [command("nnUNetv2_train"), dataset_id, "2d", "0", "-tr", trainer, "-device",
+            seconds = streamed(nice + [command("nnUNetv2_train"), dataset_id, conf, "0", "-tr", trainer, "-device",
                                        args.device, *resume], train_env, logs / f"train_{arm}.log")
             rec["train_wall_s"] = rec.get("train_wall_s", 0.0) + seconds
             save_results(results_file, results, args.arms)
@@ -190,7 +207,7 @@ def main() -> None:
         if not (pred / "summary.json").exists() or len(list(pred.glob(f"*{file_ending}"))) != n_test:
             log(f"{arm}: predicting {n_test} test cases")
             seconds = streamed(nice + [command("nnUNetv2_predict"), "-i", str(args.raw / DATASET / "imagesTs"), "-o",
-                                       str(pred), "-d", dataset_id, "-c", "2d", "-tr", trainer, "-f", "0", "-device",
+                                       str(pred), "-d", dataset_id, "-c", conf, "-tr", trainer, "-f", "0", "-device",
                                        args.device, "-npp", "1", "-nps", "1",
                                        *(["--disable_tta"] if args.disable_tta else [])], env,
                                logs / f"predict_{arm}.log")
@@ -204,8 +221,9 @@ def main() -> None:
         rec["n_cases"] = len(summary["metric_per_case"])
         rec["summary_json"] = str(pred / "summary.json")
         plans = json.loads((fold_dir.parent / "plans.json").read_text())
-        rec["plans_batch_size"] = plans["configurations"]["2d"]["batch_size"]  # the arms' trainers set their own
-        rec["patch_size"] = plans["configurations"]["2d"]["patch_size"]
+        rec["plans_batch_size"] = plans["configurations"][conf]["batch_size"]  # the arms' trainers set their own
+        rec["patch_size"] = plans["configurations"][conf]["patch_size"]
+        rec["bench_schedule"] = bench_schedule()
         save_results(results_file, results, args.arms)
         log(f"{arm}: Dice {rec['dice']}")
 
@@ -214,7 +232,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nAccuracy, {DATASET} 2d fold 0, test set via nnUNetv2_evaluate_folder "
+    print(f"\nAccuracy, {DATASET} {conf} fold 0, test set via nnUNetv2_evaluate_folder "
           f"({results['dino_weights_label']}):\n")
     names = list(labels.values())
     print("| arm | trainer | " + " | ".join(f"Dice {n}" for n in names) + " | mean Dice | train wall (s) | "

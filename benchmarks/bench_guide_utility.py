@@ -1,7 +1,8 @@
 """Guide-utility benchmark: does information in the guide reach GuiDINO's prediction?
 
 Trains, with the SAME schedule and seeds, stock nnU-Net and GuiDINO with guides of known information content
-(arms: see ARMS and guide_utility_arms.py), on any preprocessed nnU-Net dataset (2d configuration), then evaluates
+(arms: see ARMS and guide_utility_arms.py), on any preprocessed nnU-Net dataset and configuration (2d, or 3D such as
+3d_fullres: GuiDINO's slice-wise branch, with the known guides made per plane), then evaluates
 every arm on the fold's validation cases (never trained on) in nnU-Net's preprocessed space, with nnU-Net's own
 sliding-window predictor, three times: with the real guide, with the guide of another case ("shuffled") and with a
 spatially constant guide ("constant"). Guide reliance = Dice(real) - Dice(replaced).
@@ -9,6 +10,7 @@ spatially constant guide ("constant"). Guide reliance = Dice(real) - Dice(replac
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=/unused   # results go under --work
     nnUNetv2_plan_and_preprocess -d 4 -c 2d -np 1                             # once
     python benchmarks/bench_guide_utility.py -d 4 --work /tmp/gu --seeds 0 1 2 --jobs 2
+    python benchmarks/bench_guide_utility.py -d 4 -c 3d_fullres --work /tmp/gu3d --batch 2   # after -c 3d_fullres
 
 DINO weights for the arms that run the real ViT (``vit``, ``vit_paper``): ``nnUNet_dino_weights`` as for any
 GuiDINO training; unset, the script uses ``random`` (realistic-scale random weights) and labels the results so.
@@ -109,12 +111,13 @@ def run_one(arm: str, seed: int, args) -> dict:
     conditions = ["real"] if kind is None else ["real", "shuffled", "constant"]
     dice = {c: [] for c in conditions}
     ignore = lm.ignore_label if lm.has_ignore_label else None
+    three_d = len(trainer.configuration_manager.patch_size) == 3
     for i, (data, seg) in enumerate(cases):
         for condition in conditions:
             x = torch.from_numpy(data)
             if kind is not None:
                 src_data, src_seg = cases[(i + 1) % len(cases)] if condition == "shuffled" else (data, seg)
-                source = _source_volume(kind, src_data, src_seg, lm, ignore)
+                source = _source_volume(kind, src_data, src_seg, lm, ignore, three_d)
                 x = torch.cat([x, torch.from_numpy(fit_to_shape(source, data.shape[1:]))], 0)
             net.ablation = "constant" if condition == "constant" else None
             with torch.no_grad():
@@ -134,9 +137,9 @@ def run_one(arm: str, seed: int, args) -> dict:
     return result
 
 
-def _source_volume(kind, data, seg, lm, ignore):
+def _source_volume(kind, data, seg, lm, ignore, three_d: bool):
     """The guide-source channels of a whole preprocessed case (C, Z, Y, X), as guide_source makes them for batches
-    (each Z slice is one 2D sample)."""
+    (2D: each Z slice is one sample; 3D: the case is one)."""
     import numpy as np
     import torch
 
@@ -144,7 +147,11 @@ def _source_volume(kind, data, seg, lm, ignore):
 
     if kind == "image":
         return data
-    slices = torch.from_numpy(np.asarray(seg, dtype=np.int64)).clamp_min(0).permute(1, 0, 2, 3)  # (Z, 1, Y, X)
+    seg = torch.from_numpy(np.asarray(seg, dtype=np.int64)).clamp_min(0)  # (1, Z, Y, X)
+    if three_d:
+        return guide_source(kind, None, seg[None], lm.num_segmentation_heads, False, ignore)[0].numpy().astype(
+            np.float32)
+    slices = seg.permute(1, 0, 2, 3)  # (Z, 1, Y, X)
     onehot = guide_source(kind, None, slices, lm.num_segmentation_heads, False, ignore)  # (Z, K, Y, X)
     return onehot.permute(1, 0, 2, 3).numpy().astype(np.float32)
 
@@ -169,8 +176,8 @@ def case_dice(logits, seg, lm):
 # ------------------------------------------------------------------------------------------------ driver
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (preprocessed, 2d)")
-    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (preprocessed for -c)")
+    p.add_argument("-c", "--configuration", default="2d", help="2d or a 3D configuration (e.g. 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-f", "--fold", type=int, default=0)
     p.add_argument("--work", required=True, type=Path, help="results and per-run nnUNet_results folders")
@@ -251,9 +258,6 @@ def _check_preprocessed(args) -> None:
         manager = PlansManager(str(plans))
         if args.configuration in manager.available_configurations:
             configuration = manager.get_configuration(args.configuration)
-    if configuration is not None and len(configuration.patch_size) != 2:
-        raise SystemExit(f"'{args.configuration}' has 3D patches {configuration.patch_size}; GuiDINO trains 2D "
-                         f"configurations: use -c 2d.")
     if configuration is None or not (folder / configuration.data_identifier).is_dir():
         raise SystemExit(f"Dataset {args.dataset} has no preprocessed '{args.configuration}' configuration with plans "
                          f"{args.plans} under {root}. Run: nnUNetv2_plan_and_preprocess -d {args.dataset} -c "

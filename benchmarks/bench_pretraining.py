@@ -82,7 +82,7 @@ def run_pretraining(a, held_out: list[str]) -> tuple[Path, float]:
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
-    files = sorted(out.glob(f"*_pretrain_*-*.pth"))
+    files = sorted(out.glob("*_pretrain_*-*.pth"))
     if len(files) != 1:
         raise RuntimeError(f"expected one exported weight file in {out}, found {files}")
     return files[0], time.time() - t0
@@ -190,6 +190,7 @@ def main():
     layers = {"last_block": None, "taps_2_5_8_11": None}
     results = {}
     rng = np.random.default_rng(0)
+    keep = None  # the probe's training tokens: drawn for the first arm, the same for the other
     for arm, make in arms.items():
         bb = make().eval()
         layer_sets = {"last_block": [bb.arch.depth - 1], "taps_2_5_8_11": list(bb.arch.default_layers)}
@@ -199,7 +200,8 @@ def main():
         ftr, ytr = token_data(bb, probe_cases, ds, pm, cm, layer_sets, a.slice_stride)
         test_cases = held_out[:: max(1, len(held_out) // a.probe_test_cases)][: a.probe_test_cases]
         fte, yte = token_data(bb, test_cases, ds, pm, cm, layer_sets, a.slice_stride)
-        keep = rng.permutation(len(ytr))[: a.probe_tokens] if arm == "initial" else keep  # same tokens both arms
+        if keep is None:
+            keep = rng.permutation(len(ytr))[: a.probe_tokens]
         results[arm] = {k: probe((ftr[k][keep], ytr[keep]), (fte[k], yte)) for k in layer_sets}
         results[arm]["feature_seconds"] = round(time.time() - t0, 1)
         print(arm, json.dumps(results[arm], indent=1), flush=True)

@@ -6,6 +6,8 @@ guide and hinge terms, the optimiser groups, the online validation with guide-re
 input carries two things: the image channels, which the U-Net sees, and *guide-source* channels, which only the
 guidance branch sees: the image (the real DINO chain) or the one-hot labels, from which
 nnunet_dino/guidance/known_guides.py makes a guide of known information content (its docstring lists the kinds).
+2D and 3D configurations alike: for a 3D patch the branch is GuiDINO's slice-wise one, and the known guides are made
+per plane (``KnownSliceWiseGuidance``).
 
 At test time the source channels are the case's own labels (or image), another case's (``shuffled``: cases taken
 in a rotated order, centre-cropped/zero-padded to this case's shape), or the case's own with every guide replaced
@@ -20,7 +22,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dino.backbone.ct_intensity import plans_intensity_properties
 from nnunet_dino.guidance import dense_targets
-from nnunet_dino.guidance.known_guides import KnownGuidance
+from nnunet_dino.guidance.known_guides import known_guidance
 from nnunet_dino.networks import GuidedUNet, build_guidance
 from nnunet_dino.training import GuiDINOTrainer
 
@@ -37,7 +39,7 @@ class SourceSplitGuidedUNet(GuidedUNet):
     def forward(self, x: torch.Tensor):
         scores, masks = self.guidance(x[:, self.n_image:])
         if self.ablation == "constant":
-            masks = masks.mean(dim=(2, 3), keepdim=True).expand_as(masks)
+            masks = masks.mean(dim=tuple(range(2, masks.ndim)), keepdim=True).expand_as(masks)  # 2D or 3D
         out = self.forward_with_guide(x, masks)
         self.last_guide = (scores, masks)
         return out
@@ -97,10 +99,12 @@ class BenchGuidedTrainer(_BenchSchedule, GuiDINOTrainer):
                                                         num_output_channels, enable_deep_supervision)
         from_image = cls.guide_kind == "image"
         source_channels = num_input_channels if from_image else num_output_channels
+        three_d = len(configuration_manager.patch_size) == 3
         base = build_guidance(cls.guidino, source_channels, num_output_channels, configuration_manager.patch_size,
                               configuration_manager.normalization_schemes if from_image else None,
-                              plans_intensity_properties(plans_manager) if from_image else None)
-        guidance = KnownGuidance(base, cls.guide_kind, num_output_channels)
+                              plans_intensity_properties(plans_manager) if from_image else None,
+                              configuration_manager.spacing if three_d else None)  # 3D: slice-wise, as GuiDINO
+        guidance = known_guidance(base, cls.guide_kind, num_output_channels)
         return SourceSplitGuidedUNet(unet, guidance, cls.guidino.gate_places, cls.guidino.gate_mode, num_input_channels,
                                      n_image=num_input_channels)
 

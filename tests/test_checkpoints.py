@@ -20,7 +20,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 import nnunet_dino.training.checkpoints as checkpoints
 from nnunet_dino.backbone import WeightFileError
 from nnunet_dino.training import GuiDINOTrainer
-from nnunet_dino.training.checkpoints import PROVENANCE_KEY, CheckpointWriteError, write_atomically
+from nnunet_dino import atomic_files
+from nnunet_dino.atomic_files import NoSpaceLeftError, write_atomically
+from nnunet_dino.training.checkpoints import PROVENANCE_KEY
 
 
 class TinyGuiDINO(GuiDINOTrainer):
@@ -159,22 +161,22 @@ def test_full_disk_is_refused_before_writing_with_a_clear_message(hippo_workspac
     path = Path(trainer.output_folder) / "checkpoint_best.pth"
     trainer.save_checkpoint(str(path))
     before = sha256(path)
-    monkeypatch.setattr(checkpoints, "_free_bytes", lambda folder: 5 * 2 ** 20)
-    with pytest.raises(CheckpointWriteError, match="No space left on device") as err:
+    monkeypatch.setattr(atomic_files, "free_bytes", lambda folder: 5 * 2 ** 20)
+    with pytest.raises(NoSpaceLeftError, match="No space left on device") as err:
         trainer.save_checkpoint(str(path))
-    assert "MB needed" in str(err.value) and "intact" in str(err.value)
+    assert "MB needed" in str(err.value) and "intact" in str(err.value) and "continue with --c" in str(err.value)
     assert sha256(path) == before
 
 
 def test_a_write_that_runs_out_of_space_says_so(tmp_path, monkeypatch):
     free = iter([10 ** 12, 10])  # enough before the write, none after it: the disk filled up meanwhile
 
-    monkeypatch.setattr(checkpoints, "_free_bytes", lambda folder: next(free))
+    monkeypatch.setattr(atomic_files, "free_bytes", lambda folder: next(free))
 
     def torch_style_failure(tmp):
         raise RuntimeError("basic_ios::clear: iostream error")
 
-    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+    with pytest.raises(NoSpaceLeftError, match="No space left on device"):
         write_atomically(tmp_path / "checkpoint_final.pth", torch_style_failure, 10 ** 6)
     assert not any(tmp_path.iterdir())
 

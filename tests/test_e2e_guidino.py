@@ -66,33 +66,46 @@ def test_plugin_trainer_ran_and_logged_its_terms(hippo):
     assert any("lora_A" in k for k in keys) and any("tokenbook.prototypes" in k for k in keys)
 
 
-def test_predict_in_fresh_process_matches_validation_and_geometry(hippo):
+@pytest.fixture(scope="module")
+def predicted(hippo):
+    """One fresh-process nnUNetv2_predict, without the DINO weights setting, of the fold's validation cases and the
+    test images (one call: the predictor's start-up, not the cases, is most of its time here)."""
     fold = hippo["model"] / "fold_0"
     val_cases = sorted(p.name[: -len(".nii.gz")] for p in (fold / "validation").glob("*.nii.gz"))
     assert val_cases
-    inputs = hippo["work"] / "val_inputs"
-    inputs.mkdir()
+    inputs, labels = hippo["work"] / "inputs", hippo["work"] / "labels"
+    shutil.copytree(RAW / "Dataset990_HippoTiny" / "imagesTs", inputs)
+    shutil.copytree(RAW / "Dataset990_HippoTiny" / "labelsTs", labels)
     for case in val_cases:
         shutil.copy(RAW / "Dataset990_HippoTiny" / "imagesTr" / f"{case}_0000.nii.gz", inputs)
-    out = hippo["work"] / "val_pred"
+        shutil.copy(RAW / "Dataset990_HippoTiny" / "labelsTr" / f"{case}.nii.gz", labels)
+    out = hippo["work"] / "pred"
     env = {k: v for k, v in hippo["env"].items() if k != "nnUNet_dino_weights"}  # prediction needs no DINO file
     printed = run([command("nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", "990", "-c", "2d", "-tr",
                    TRAINER, "-f", "0", "-device", "cpu"], env)
+    return {"val_cases": val_cases, "inputs": inputs, "labels": labels, "out": out, "printed": printed}
+
+
+def test_predict_in_fresh_process_matches_validation_and_geometry(hippo, predicted):
+    fold, out, inputs = hippo["model"] / "fold_0", predicted["out"], predicted["inputs"]
     # The checkpoint says which DINO weights the model was trained with, and prediction says it once.
-    assert printed.count("this model was trained with dinov3_vits16: RANDOMLY INITIALISED DINO weights") == 1
-    for case in val_cases:
-        predicted = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    assert predicted["printed"].count("this model was trained with dinov3_vits16: RANDOMLY INITIALISED DINO "
+                                      "weights") == 1
+    for case in sorted(p.name[: -len("_0000.nii.gz")] for p in inputs.glob("*_0000.nii.gz")):
+        predicted_image = sitk.ReadImage(str(out / f"{case}.nii.gz"))
         image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
-        assert predicted.GetSize() == image.GetSize() and np.allclose(predicted.GetSpacing(), image.GetSpacing())
-        assert np.array_equal(sitk.GetArrayFromImage(predicted), _read(fold / "validation" / f"{case}.nii.gz"))
+        assert predicted_image.GetSize() == image.GetSize()
+        assert np.allclose(predicted_image.GetSpacing(), image.GetSpacing())
+        assert np.allclose(predicted_image.GetOrigin(), image.GetOrigin())
+    for case in predicted["val_cases"]:
+        assert np.array_equal(_read(out / f"{case}.nii.gz"), _read(fold / "validation" / f"{case}.nii.gz"))
 
 
-def test_predict_test_set_and_evaluate(hippo):
-    out = hippo["work"] / "test_pred"
-    run([command("nnUNetv2_predict"), "-i", str(RAW / "Dataset990_HippoTiny" / "imagesTs"), "-o", str(out), "-d", "990",
-         "-c", "2d", "-tr", TRAINER, "-f", "0", "-device", "cpu"], hippo["env"])
-    summary = evaluate(RAW / "Dataset990_HippoTiny" / "labelsTs", out, hippo["env"])
+def test_predict_test_set_and_evaluate(hippo, predicted):
+    summary = evaluate(predicted["labels"], predicted["out"], hippo["env"])
     assert set(summary["mean"]) == {"1", "2"}
+    n_test = len(list((RAW / "Dataset990_HippoTiny" / "imagesTs").glob("*_0000.nii.gz")))
+    assert len(summary["metric_per_case"]) == n_test + len(predicted["val_cases"])
     for case in summary["metric_per_case"]:
         labels = set(np.unique(_read(Path(case["prediction_file"]))))
         assert labels <= {0, 1, 2}

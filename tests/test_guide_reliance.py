@@ -19,17 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from guide_reliance_helpers import train_and_ablate
 
 from nnunet_dino.backbone import DinoBackbone, DinoInputAdapter, get_architecture
 from nnunet_dino.guidance import DinoGuidance, TokenBook, TokenBookConfig
 from nnunet_dino.guidance.known_guides import KnownGuidance
 from nnunet_dino.networks import GuidedUNet
 from nnunet_dino.training import GuiDINOTrainer
-from nnunet_dino.training.groupwise_optimizer import GroupwiseOptimizer
 from nnunet_dino.training.guide_reliance import ablated_guides, hard_counts, mean_dice
-from nnunet_dino.training.guidino_loss import GuiDINOLoss
 
 SIZE, RADIUS = 64, 7
 
@@ -50,11 +47,6 @@ def two_disc_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, to
     return images, labels
 
 
-def foreground_dice(output: torch.Tensor, labels: torch.Tensor) -> float:
-    p, r = output.argmax(1) == 1, labels[:, 0] == 1
-    return float(2 * (p & r).sum() / (p.sum() + r.sum()).clamp_min(1))
-
-
 def tiny_guided_unet(kind: str) -> GuidedUNet:
     unet = PlainConvUNet(1, 3, (8, 16, 32), nn.Conv2d, 3, (1, 2, 2), 2, 2, 2, conv_bias=True,
                          norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
@@ -66,42 +58,10 @@ def tiny_guided_unet(kind: str) -> GuidedUNet:
     return GuidedUNet(unet, KnownGuidance(base, kind, num_classes=2), config.gate_places, config.gate_mode, 1)
 
 
-def onehot(labels: torch.Tensor) -> torch.Tensor:
-    return F.one_hot(labels[:, 0], 2).permute(0, 3, 1, 2).float()
-
-
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    net = tiny_guided_unet("tokens")
-    seg_loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                              weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    t = GuiDINOTrainer
-    loss_fn = GuiDINOLoss(seg_loss, lambda: net, 2, False, None, t.guide_loss_weight, t.hinge_loss_weight,
-                          t.hinge_margin)
-    guidance = [p for m in (net.gates, net.guidance.tokenbook) for p in m.parameters()]
-    optimizer = GroupwiseOptimizer([
-        torch.optim.SGD(net.unet.parameters(), 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5),
-        torch.optim.AdamW(guidance, t.lr_guidance, weight_decay=t.guidance_weight_decay)])
-    g = torch.Generator().manual_seed(1)
-    for _ in range(120):
-        images, labels = two_disc_batch(8, g)
-        scores, masks = net.guidance(onehot(labels))  # the guide source: what DINO's tokens would encode
-        output = net.forward_with_guide(images, masks)
-        net.last_guide = (scores, masks)
-        loss = loss_fn(output, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-        optimizer.step()
-    net.eval()
-    images, labels = two_disc_batch(32, torch.Generator().manual_seed(99))
-    with torch.no_grad():
-        _, masks = net.guidance(onehot(labels))
-        dice = {"real": foreground_dice(net.forward_with_guide(images, masks), labels)}
-        for name, replaced in ablated_guides(masks).items():
-            dice[name] = foreground_dice(net.forward_with_guide(images, replaced), labels)
-    return dice
+    return train_and_ablate(tiny_guided_unet("tokens"), two_disc_batch, steps=120, batch_size=8, eval_size=32)
 
 
 def test_information_in_the_tokens_reaches_the_prediction(trained):

@@ -67,7 +67,7 @@ def highres(workspace) -> dict:
 
 
 def test_round_trip_and_stock_preprocessing_at_the_new_size(workspace, highres):
-    plans_file, folder = workspace["plans_file"], workspace["folder"]
+    folder = workspace["folder"]
     out = highres["added"]
     assert "Added configuration '2d_128'" in out and "nnUNetv2_preprocess -d 990 -c 2d_128" in out
 

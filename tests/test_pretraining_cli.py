@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,47 @@ def test_short_run_on_preprocessed_hippotiny_loads_in_the_trainers_loader(hippo_
     # A second start into the same folder without --c is refused.
     assert main(["-d", "990", "-o", str(out), "--weights", "random", "--tag", "hippotiny",
                  "--exclude_cases", "hippocampus_064", *TINY]) == 2
+
+
+def test_images_ts_are_preprocessed_as_nnunet_preprocesses_training_cases_and_cached(hippo_workspace, tmp_path,
+                                                                                     monkeypatch):
+    """--include_imagesTs: each imagesTs image goes through nnU-Net's own preprocessor with the plans, so a training
+    image placed in imagesTs gives exactly the array nnUNetv2_preprocess wrote for it; the result is cached."""
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnunet_dino.pretraining import PretrainDataError
+    from nnunet_dino.pretraining.data import SliceSource
+
+    source = hippo_workspace["raw"]
+    raw = tmp_path / "raw" / source.name
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_bytes((source / "dataset.json").read_bytes())
+    case = "hippocampus_064"
+    for k, v in hippo_workspace["env"].items():
+        if k.startswith("nnUNet"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    with pytest.raises(PretrainDataError, match="--include_imagesTs: .*imagesTs does not exist"):
+        SliceSource(["990"], include_images_ts=True, cache_folder=tmp_path / "cache")
+    (raw / "imagesTs").mkdir()
+    (raw / "imagesTs" / "copy_064_0000.nii.gz").write_bytes((source / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
+
+    slices = SliceSource(["990"], include_images_ts=True, exclude_cases={"hippocampus_290"},
+                         cache_folder=tmp_path / "cache")
+    folder = hippo_workspace["preprocessed"] / "nnUNetPlans_2d"
+    stock = infer_dataset_class(str(folder))(str(folder)).load_case(case)[0]
+    from_ts = [r for r in slices.refs if r.source == "imagesTs"]
+    assert {r.case for r in from_ts} == {"copy_064"} and len(from_ts) == stock.shape[1]
+    for ref in from_ts:
+        assert torch.equal(slices.load(ref), torch.from_numpy(np.asarray(stock[:, ref.z], dtype=np.float32)))
+    assert slices.cases[source.name] == 10  # 9 training cases (one excluded) + the imagesTs one
+    assert slices.excluded == ["hippocampus_290"]
+
+    # cached: a second index reads the .npy instead of preprocessing again
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("imagesTs preprocessed again although cached")
+
+    monkeypatch.setattr(default_preprocessor.DefaultPreprocessor, "run_case", must_not_run)
+    again = SliceSource(["990"], include_images_ts=True, cache_folder=tmp_path / "cache")
+    assert sum(r.source == "imagesTs" for r in again.refs) == len(from_ts)

@@ -20,6 +20,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_dino.training import GuiDINOTrainer
+from nnunet_dino.training.dino_trainer_base import cpu_threads_setting
 
 BENCH_EPOCHS = int(os.environ.get("nnUNet_bench_epochs", 12))
 BENCH_ITERATIONS = int(os.environ.get("nnUNet_bench_iterations", 40))
@@ -32,6 +33,11 @@ class _BenchSchedule:
     """Mixin: identical schedule, periodic checkpoints, no final validation."""
 
     def _apply_bench_schedule(self):
+        # Same threading for both arms: the GuiDINO arm limits itself by $nnUNet_dino_cpu_threads, stock nnU-Net
+        # would take every core.
+        threads = cpu_threads_setting()
+        if threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(threads)
         self.num_epochs = BENCH_EPOCHS
         self.num_iterations_per_epoch = BENCH_ITERATIONS
         self.num_val_iterations_per_epoch = BENCH_VAL_ITERATIONS

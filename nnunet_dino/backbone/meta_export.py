@@ -11,24 +11,20 @@ The inverse of ``formats._dinov3_from_meta`` / ``formats._dinov2_from_meta_or_ti
   token, is written as zero (Meta's model adds it back: cls + 0 = the folded token), so the round trip is exact.
 - ``mask_token`` (iBOT's masked-patch embedding, unused for features) is written when given, else zero.
 
-Writes are atomic: a temporary file in the target folder renamed into place, after a free-space check, so an
-interrupted write never leaves a partial file under a Meta name. (The same discipline as the trainers'
-``training/checkpoints.write_atomically``, kept here because the backbone layer may not import the training layer.)
+Writes are atomic (``atomic_files.write_atomically``: a temporary file in the target folder renamed into place,
+after a free-space check), so an interrupted write never leaves a partial file under a Meta name.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..atomic_files import write_atomically
 from .registry import DinoArchitecture
 from .vit_factory import rope_periods
-
-_HEADROOM_BYTES = 64 << 20
 
 
 def canonical_to_meta(arch: DinoArchitecture, state: dict, mask_token: torch.Tensor | None = None) -> dict:
@@ -93,24 +89,6 @@ def meta_file_prefix(arch: DinoArchitecture, tag: str) -> str:
     ``find_meta_file`` finds it in a folder: DINOv2 register models are called ``..._reg4_pretrain``."""
     base = f"{arch.name[:-4]}_reg4" if arch.name.endswith("_reg") else arch.name
     return f"{base}_pretrain_{tag}"
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], expected_bytes: int) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path`` (never a partial file
-    under the final name; an existing file stays intact if anything fails). Free space is checked first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    needed = expected_bytes + _HEADROOM_BYTES
-    free = shutil.disk_usage(path.parent).free
-    if free < needed:
-        raise OSError(f"No space left on device for {path}: about {needed >> 20} MB needed, {free >> 20} MB free.")
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_meta_named(state: dict, folder: str | os.PathLike, prefix: str) -> Path:

@@ -29,7 +29,10 @@ class LoadReport:
         if self.random_init:
             return (f"{self.arch}: RANDOMLY INITIALISED DINO weights (explicitly requested; realistic-scale random "
                     f"weights, LayerScale ~1). Results are NOT those of a pretrained foundation model.")
-        return f"{self.arch}: pretrained weights ({self.pretraining}) from {self.source} [{self.layout} layout]"
+        # ``pretraining`` names the input convention the weights expect (the stats of Meta's data sets), which
+        # self-pretrained files inherit; it does not say that the file is one of Meta's releases.
+        return (f"{self.arch}: pretrained weights from {self.source} [{self.layout} layout; input convention "
+                f"{self.pretraining}]")
 
 
 class DinoBackbone(nn.Module):

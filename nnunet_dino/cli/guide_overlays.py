@@ -468,7 +468,6 @@ def write_guide_overlays(model_folder: str, input_folder: str, output_folder: st
     """The overlays for every case of ``input_folder`` (see the module doc). ``fold``: one fold or a list
     (averaged); ``slices``: 'max', 'all' or input-image slice indices; ``labels_folder``: None looks for the
     dataset's labels (find_labels_folder)."""
-    import numpy as np
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder

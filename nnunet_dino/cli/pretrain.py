@@ -10,7 +10,6 @@ Arguments are parsed before torch or nnU-Net are imported, so -h returns at once
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 STAGES = ("dino", "gram", "highres")

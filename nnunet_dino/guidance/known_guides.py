@@ -13,6 +13,11 @@ synthetic kinds: the one-hot labels (B, K, H, W) at the patch's resolution), on 
   token as DINO's final norm does;
 - ``noise_tokens``: the same noise with no class signal (an uninformative guide).
 
+In 3D (``KnownSliceWiseGuidance``) the same guides are made per plane of the slice-wise branch's guide volume: the
+oracle kinds from every plane's label fractions, the synthetic tokens only at the planes the ViT would see and
+interpolated in between exactly as its tokens are, then the real TokenBook per plane. ``known_guidance`` picks the
+class for a built branch.
+
 Used by benchmarks/bench_guide_utility.py and the guide-reliance tests; never by the trainers users run.
 """
 from __future__ import annotations
@@ -23,34 +28,27 @@ import torch
 import torch.nn.functional as F
 
 from .branch import DinoGuidance
+from .slicewise import SliceWiseGuidance
+from .slicing import interpolate_planes
 
 SYNTHETIC_KINDS = ("oracle", "oracle_blurred", "oracle_coarse", "oracle_noisy", "tokens", "noise_tokens")
 GUIDE_KINDS = ("image",) + SYNTHETIC_KINDS
 
 
-class KnownGuidance(DinoGuidance):
-    """DinoGuidance whose guide comes from one of the sources above (``image``: the real chain, unchanged)."""
+class _KnownSource:
+    """What both known-guide branches share: the kind and the fixed class directions of the synthetic tokens."""
 
-    def __init__(self, base: DinoGuidance, kind: str, num_classes: int, seed: int = 1234):
-        super().__init__(base.backbone, base.adapter, base.tokenbook, base.layer)
+    def _init_known(self, kind: str, num_classes: int, seed: int) -> None:
         if kind not in GUIDE_KINDS:
             raise ValueError(f"guide kind must be one of {GUIDE_KINDS}, got {kind!r}")
         self.kind = kind
-        dim = base.backbone.arch.embed_dim
+        dim = self.backbone.arch.embed_dim
         g = torch.Generator().manual_seed(seed)  # fixed: the directions are part of the task, not of a run
         directions = F.normalize(torch.randn(num_classes, 2, dim, generator=g), dim=-1) * math.sqrt(dim)
         self.register_buffer("directions", directions, persistent=False)
 
-    def forward(self, source: torch.Tensor):
-        if self.kind == "image":
-            return super().forward(source)
-        fractions, _ = self.adapter.dense_to_tokens(source)  # (B, K, h, w) label fraction per token
-        if self.kind.startswith("oracle"):
-            masks = degrade(fractions, self.kind).clamp(0, 1)
-            return torch.logit(masks.clamp(1e-4, 1 - 1e-4)), masks
-        return self.tokenbook(self.synthetic_tokens(fractions))
-
     def synthetic_tokens(self, fractions: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) label fractions per token -> (B, dim, h, w) tokens of kind ``tokens`` or ``noise_tokens``."""
         b, k, h, w = fractions.shape
         dim = self.directions.shape[-1]
         noise = torch.randn(b, dim, h, w, device=fractions.device)
@@ -61,6 +59,58 @@ class KnownGuidance(DinoGuidance):
         chosen = torch.where(modes, d[None, :, 1], d[None, :, 0])  # (B, K, dim, h, w)
         signal = (fractions[:, :, None] * chosen).sum(1)  # (B, dim, h, w)
         return _standardise(signal + noise)
+
+
+class KnownGuidance(_KnownSource, DinoGuidance):
+    """DinoGuidance whose guide comes from one of the sources above (``image``: the real chain, unchanged)."""
+
+    def __init__(self, base: DinoGuidance, kind: str, num_classes: int, seed: int = 1234):
+        super().__init__(base.backbone, base.adapter, base.tokenbook, base.layer)
+        self._init_known(kind, num_classes, seed)
+
+    def forward(self, source: torch.Tensor):
+        if self.kind == "image":
+            return super().forward(source)
+        fractions, _ = self.adapter.dense_to_tokens(source)  # (B, K, h, w) label fraction per token
+        if self.kind.startswith("oracle"):
+            return _oracle_guide(fractions, self.kind)
+        return self.tokenbook(self.synthetic_tokens(fractions))
+
+
+class KnownSliceWiseGuidance(_KnownSource, SliceWiseGuidance):
+    """SliceWiseGuidance (3D) whose guide volume comes from one of the sources above, plane by plane."""
+
+    def __init__(self, base: SliceWiseGuidance, kind: str, num_classes: int, seed: int = 1234):
+        super().__init__(base.backbone, base.adapter, base.tokenbook, base.layer, base.patch_size, base.slice_axis,
+                         base.slice_stride, base.input_channels)
+        self._init_known(kind, num_classes, seed)
+
+    def forward(self, source: torch.Tensor):
+        if self.kind == "image":
+            return super().forward(source)
+        fractions, _ = self.dense_to_tokens(source)  # (B, K, n, h, w) label fraction per token and plane
+        b, k, n, h, w = fractions.shape
+        if self.kind.startswith("oracle"):
+            scores, masks = _oracle_guide(fractions.transpose(1, 2).reshape(b * n, k, h, w), self.kind)
+            return self._stack(scores, b), self._stack(masks, b)
+        sampled = fractions[:, :, self.planes_seen].transpose(1, 2)  # (B, m, K, h, w): the planes the ViT sees
+        m = sampled.shape[1]
+        tokens = self.synthetic_tokens(sampled.reshape(b * m, k, h, w))
+        tokens = tokens.reshape(b, m, *tokens.shape[1:])
+        if m != n:
+            tokens = interpolate_planes(tokens, self._plane_lower, self._plane_upper, self._plane_weight)
+        return self.guides_from_tokens(tokens)
+
+
+def known_guidance(base: DinoGuidance, kind: str, num_classes: int, seed: int = 1234) -> DinoGuidance:
+    """The known-guide branch of ``kind`` for a built 2D or slice-wise 3D branch."""
+    cls = KnownSliceWiseGuidance if isinstance(base, SliceWiseGuidance) else KnownGuidance
+    return cls(base, kind, num_classes, seed)
+
+
+def _oracle_guide(fractions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    masks = degrade(fractions, kind).clamp(0, 1)
+    return torch.logit(masks.clamp(1e-4, 1 - 1e-4)), masks
 
 
 def _standardise(tokens: torch.Tensor) -> torch.Tensor:

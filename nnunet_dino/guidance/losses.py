@@ -71,7 +71,6 @@ def boundary_hinge_loss(logits: torch.Tensor, binary_targets: torch.Tensor, vali
         y = binary_targets
         signed_margin = (2 * y - 1) * logits
     else:
-        k = logits.shape[1]
         others = _largest_other_logit(logits)
         true_logit = (binary_targets * logits).sum(dim=1, keepdim=True)  # z_y
         y, z = binary_targets[:, 1:], logits[:, 1:]

@@ -181,7 +181,8 @@ class SliceSource:
 
     def load(self, ref: SliceRef) -> torch.Tensor:
         arr = self._arrays[(ref.dataset, ref.case, ref.source)]
-        return torch.from_numpy(np.ascontiguousarray(arr[:, ref.z], dtype=np.float32))
+        # a copy: the cached imagesTs arrays are read-only memory maps, and torch must own what it may write to
+        return torch.from_numpy(np.array(arr[:, ref.z], dtype=np.float32))
 
     def describe(self) -> list[dict]:
         return [{"name": d.name, "preprocessed_folder": str(d.preprocessed_folder), "configuration": self.configuration,

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..backbone import load_backbone
-from ..backbone.meta_export import canonical_to_meta, meta_file_prefix, save_meta_named, write_atomically
+from ..atomic_files import write_atomically
+from ..backbone.meta_export import canonical_to_meta, meta_file_prefix, save_meta_named
 from ..backbone.weight_files import sha256_of
 
 PROVENANCE_NAME = "pretrain_provenance.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbone.meta_export import write_atomically
+from ..atomic_files import write_atomically
 
 RUN_RECORD = "pretrain_run.json"
 STATE_FILE = "pretrain_state.pth"
@@ -82,7 +82,8 @@ def write_run_record(folder: Path, identity: dict) -> None:
 def save_state(folder: Path, state: dict) -> None:
     state = {"format": STATE_FORMAT, **state}
     nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
-    write_atomically(folder / STATE_FILE, lambda p: torch.save(state, p), nbytes)
+    write_atomically(folder / STATE_FILE, lambda p: torch.save(state, p), nbytes,
+                     advice="Free some space, then resume with the same command and --c.")
 
 
 def load_state(folder: Path, fingerprint: str) -> dict:

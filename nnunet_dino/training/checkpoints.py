@@ -19,14 +19,12 @@ where the plugin's record goes, under ``PROVENANCE_KEY``:
 The network side is a ``load_state_dict`` pre-hook installed by ``install_checkpoint_hooks`` (the trainers'
 ``build_network_architecture`` does it, so nnU-Net's predictor gets it too). The trainer side is
 ``checkpoint_view`` (a scoped ``state_dict`` post-hook around nnU-Net's own ``save_checkpoint``) and
-``write_atomically``.
+``write_checkpoint_atomically`` (``atomic_files``: never a truncated checkpoint, a clear error on a full disk).
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,19 +32,21 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic_files import write_atomically
 from ..backbone import WEIGHTS_ENV_VAR, DinoBackbone, WeightFileError, load_weights_into, resolve_weights_setting
 
 PROVENANCE_KEY = "_nnunet_dino"
 SLIM_ENV_VAR = "nnUNet_dino_slim_checkpoints"
 RECORD_FORMAT = 1
-_HEADROOM_BYTES = 32 * 2 ** 20  # pickle framing, logging and the file system's own rounding
+CHECKPOINT_SPACE_ADVICE = (f"Free some space or point nnUNet_results elsewhere, then continue with --c. Checkpoints "
+                           f"of frozen DINO weights shrink with {SLIM_ENV_VAR}=1 (docs/guidino.md#checkpoints).")
 
 _frozen_cache: dict[str, dict[str, torch.Tensor]] = {}  # sha256 -> tensors: nnU-Net reloads every fold per case
 _announced: set[str] = set()
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous file of that name is intact."""
+    """A checkpoint's file could not be written as asked (a full disk raises atomic_files.NoSpaceLeftError)."""
 
 
 def slim_checkpoints_requested() -> bool:
@@ -92,7 +92,8 @@ def store_frozen_tensors(folder: str | os.PathLike, tensors: dict[str, torch.Ten
                 f"with other DINO weights wrote it. Train into another model folder or remove the file.")
         return path
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    write_atomically(path, lambda tmp: save_file(data, tmp), sum(t.numel() * t.element_size() for t in data.values()))
+    write_checkpoint_atomically(path, lambda tmp: save_file(data, tmp),
+                                sum(t.numel() * t.element_size() for t in data.values()))
     return path
 
 
@@ -108,39 +109,9 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def _free_bytes(folder: Path) -> int:
-    return shutil.disk_usage(folder).free
-
-
-def _no_space_message(path: Path, needed: int, free: int) -> str:
-    return (f"No space left on device for {path}: about {needed / 2 ** 20:.0f} MB needed, "
-            f"{free / 2 ** 20:.0f} MB free on the file system of {path.parent}. The previous {path.name} (if any) is "
-            f"intact. Free some space or point nnUNet_results elsewhere, then continue with --c. Checkpoints of "
-            f"frozen DINO weights shrink with {SLIM_ENV_VAR}=1 (docs/guidino.md#checkpoints).")
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None], expected_bytes: int) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
-
-    A failed or interrupted write therefore never truncates an existing checkpoint (nnU-Net's in-place
-    ``torch.save`` would), and never leaves a partial file under the final name. Free space is checked first
-    because torch reports a full disk as 'unexpected pos' / 'iostream error'."""
-    path = Path(path)
-    needed = expected_bytes + _HEADROOM_BYTES
-    free = _free_bytes(path.parent)
-    if free < needed:
-        raise CheckpointWriteError(errno.ENOSPC, _no_space_message(path, needed, free))
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException as e:
-        free = _free_bytes(path.parent)  # measured with the partial file still there
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception) and not isinstance(e, CheckpointWriteError) and free < _HEADROOM_BYTES:
-            # The disk filled up during the write (torch reports it as 'unexpected pos' / 'iostream error').
-            raise CheckpointWriteError(errno.ENOSPC, _no_space_message(path, needed, free)) from e
-        raise
+def write_checkpoint_atomically(path: str | os.PathLike, write: Callable[[str], None], expected_bytes: int) -> None:
+    """``atomic_files.write_atomically`` with what a training run should do when the disk is full."""
+    write_atomically(path, write, expected_bytes, advice=CHECKPOINT_SPACE_ADVICE)
 
 
 @contextmanager
@@ -166,7 +137,8 @@ def describe_provenance(record: dict) -> str:
         if b.get("random_init"):
             parts.append(f"{b['arch']}: RANDOMLY INITIALISED DINO weights (not pretrained)")
         else:
-            parts.append(f"{b['arch']}: {b['pretraining']} weights from {b['source']} [{b['layout']} layout]")
+            parts.append(f"{b['arch']}: weights from {b['source']} [{b['layout']} layout; input convention "
+                         f"{b['pretraining']}]")
     if record.get("unet_init"):
         parts.append(f"U-Net started from the stock model {record['unet_init']['checkpoint']}")
     slim = " (slim checkpoint: frozen DINO weights stored outside it)" if record.get("slim") else ""

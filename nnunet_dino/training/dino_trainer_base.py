@@ -28,7 +28,7 @@ from ..backbone import (WEIGHTS_ENV_VAR, DinoBackbone, LoadReport, WeightFileErr
                         load_weights_into, resolve_weights_setting, warn_random_init)
 from .checkpoints import (RECORD_FORMAT, checkpoint_view, describe_provenance, frozen_dino_keys, frozen_file_name,
                           slim_checkpoints_requested, store_frozen_tensors, tensor_bytes, tensors_sha256,
-                          write_atomically)
+                          write_checkpoint_atomically)
 
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
@@ -206,7 +206,7 @@ class DinoTrainerBase(nnUNetTrainer):
         size = tensor_bytes(net.state_dict()) - sum(tensor_bytes(net.get_parameter(k)) for k in strip) + \
             tensor_bytes(self.optimizer.state_dict())
         with checkpoint_view(net, record, strip):
-            write_atomically(filename, super().save_checkpoint, size)
+            write_checkpoint_atomically(filename, super().save_checkpoint, size)
 
     def _store_frozen_once(self, net: torch.nn.Module) -> dict:
         if self._frozen is None:
