@@ -101,14 +101,16 @@ def snapshot_code(dest: Path) -> dict:
     return json.loads((dest / "SNAPSHOT.json").read_text())
 
 
-def bench_schedule() -> dict:
-    """The schedule both arms' trainers read (benchmarks/trainers/nnUNetTrainerBench.py, with this process's
-    nnUNet_bench_* environment, which the training subprocesses inherit)."""
-    names = {"epochs": "nnUNet_bench_epochs", "iterations": "nnUNet_bench_iterations",
-             "val_iterations": "nnUNet_bench_val_iterations", "batch": "nnUNet_bench_batch"}
-    text = (BENCH_TRAINERS / "nnUNetTrainerBench.py").read_text()
-    defaults = {k: int(text.split(f'os.environ.get("{v}", ')[1].split(")")[0]) for k, v in names.items()}
-    return {k: int(os.environ.get(v, defaults[k])) for k, v in names.items()}
+def bench_schedule(trainers_folder: Path) -> dict:
+    """The schedule both arms' trainers use: nnUNetTrainerBench.py (in ``trainers_folder``, the snapshot's) reads
+    it from the nnUNet_bench_* environment at import, and the training subprocesses inherit this environment."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_trainers", trainers_folder / "nnUNetTrainerBench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"epochs": module.BENCH_EPOCHS, "iterations": module.BENCH_ITERATIONS,
+            "val_iterations": module.BENCH_VAL_ITERATIONS, "batch": module.BENCH_BATCH}
 
 
 def load_results(path: Path) -> dict:
@@ -223,7 +225,7 @@ def main() -> None:
         plans = json.loads((fold_dir.parent / "plans.json").read_text())
         rec["plans_batch_size"] = plans["configurations"][conf]["batch_size"]  # the arms' trainers set their own
         rec["patch_size"] = plans["configurations"][conf]["patch_size"]
-        rec["bench_schedule"] = bench_schedule()
+        rec["bench_schedule"] = bench_schedule(bench_trainers)
         save_results(results_file, results, args.arms)
         log(f"{arm}: Dice {rec['dice']}")
 
