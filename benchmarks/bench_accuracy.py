@@ -9,7 +9,7 @@ Steps, each a stock nnU-Net command in a subprocess (as a user would run it); DA
 Dataset004_Hippocampus):
   1. nnUNetv2_plan_and_preprocess -d DATASET -c CONF          (CONF = -c, default 2d; also 3d_fullres: the same
                                                               trainer names train 3D; skipped if the data exist)
-  2. per arm: nnUNetv2_train DATASET CONF 0 -tr <arm trainer> -device <dev>   (benchmarks/trainers/nnUNetTrainerBench.py:
+  2. per arm: nnUNetv2_train DATASET CONF 0 -tr <arm trainer> -device <dev> (benchmarks/trainers/nnUNetTrainerBench.py:
      identical epochs x iterations x batch for both arms; resumed with --c from checkpoint_latest.pth; skipped if
      checkpoint_final.pth exists)
   3. nnUNetv2_predict on imagesTs with fold 0's final checkpoint (skipped if already complete)
